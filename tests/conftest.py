@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+DATA_DIR = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA_DIR.exists():
+        pytest.skip(f"shared corpora not found at {DATA_DIR} (set TMT_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

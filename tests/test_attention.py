@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+from torch_geometric.nn import Sequential
+
+from tmt_pyg import DynamicMesh, MeshAttentionConv, TemporalDecay
+from tmt_pyg.layers.rotary import apply_rotary
+
+
+def dense_reference(conv, x, edge_index, pos):
+    """Masked dense attention with the conv's own weights: softmax over in-edges, times decay."""
+    N, H, C = x.size(0), conv.heads, conv.out_channels
+    q = conv.lin_query(x).view(N, H, C)
+    k = conv.lin_key(x).view(N, H, C)
+    v = conv.lin_value(x).view(N, H, C)
+    if conv.rotary:
+        q, k = apply_rotary(q, pos), apply_rotary(k, pos)
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    mask[edge_index[1], edge_index[0]] = True  # [target, source]
+    score = torch.einsum("ihc,jhc->hij", q, k) / math.sqrt(C)
+    alpha = score.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    if conv.decay is not None:
+        dist = (pos[:, None] - pos[None, :]).abs().to(x.dtype) / conv.decay.max_seq_len
+        gamma = 2 * torch.sigmoid(-conv.decay.decay_scalars[:, None, None] * dist)
+        gamma = torch.where(pos[None, None, :] < 0, torch.ones_like(gamma), gamma)
+        alpha = alpha * gamma
+    out = torch.einsum("hij,jhc->ihc", alpha, v).reshape(N, H * C)
+    return conv.lin_out(out)
+
+
+@pytest.mark.parametrize("decay,rotary", [(True, False), (False, False), (True, True)])
+def test_conv_equals_dense_reference(decay, rotary):
+    torch.manual_seed(1)
+    x = torch.randn(40, 32)
+    batch = torch.tensor([0] * 25 + [1] * 15)
+    pos = torch.cat([torch.arange(25), torch.arange(15)])
+    pos[-2:] = -1  # two timeless nodes (anchors)
+    edge_index, _ = DynamicMesh(5)(x, batch)
+    conv = MeshAttentionConv(32, 8, heads=4, decay=decay, rotary=rotary, max_seq_len=16).eval()
+    with torch.no_grad():
+        conv.decay is not None and conv.decay.omega.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
+    out = conv(x, edge_index, pos)
+    torch.testing.assert_close(out, dense_reference(conv, x, edge_index, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_weights_shape_and_range():
+    x = torch.randn(12, 16)
+    edge_index, _ = DynamicMesh(3)(x)
+    conv = MeshAttentionConv(16, 4, heads=2)
+    out, (ei, alpha) = conv(x, edge_index, torch.arange(12), return_attention_weights=True)
+    assert out.shape == (12, 8)
+    assert torch.equal(ei, edge_index)
+    assert alpha.shape == (edge_index.size(1), 2)
+    assert bool(((alpha >= 0) & (alpha <= 1)).all())
+    sums = torch.zeros(12, 2).index_add_(0, edge_index[1], alpha)
+    assert bool((sums <= 1 + 1e-6).all())  # softmax sums to 1, decay only lowers it
+
+
+def test_repr():
+    conv = MeshAttentionConv(16, 4, heads=2)
+    assert str(conv) == "MeshAttentionConv(16, 4, heads=2, decay=True, rotary=False)"
+    assert str(DynamicMesh(8)) == "DynamicMesh(k=8, causal=True, backend='auto')"
+    assert str(TemporalDecay(2, 1.5, 64)) == "TemporalDecay(heads=2, decay_rate=1.5, max_seq_len=64)"
+
+
+def test_decay_is_one_at_zero_and_decreasing():
+    decay = TemporalDecay(heads=3, decay_rate=2.0, max_seq_len=100)
+    t_j = torch.zeros(50, dtype=torch.long)
+    gamma = decay(torch.arange(50), t_j)
+    torch.testing.assert_close(gamma[0], torch.ones(3))
+    assert bool((gamma[1:] < gamma[:-1]).all())
+    torch.testing.assert_close(decay.decay_scalars, torch.full((3,), 2.0))
+    assert bool((decay(torch.tensor([30]), torch.tensor([-1])) == 1).all())  # timeless source
+
+
+def test_empty_edge_set_and_bipartite():
+    conv = MeshAttentionConv((16, 12), 4, heads=2, decay=False)
+    x_src, x_dst = torch.randn(7, 16), torch.randn(3, 12)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    out = conv((x_src, x_dst), empty)
+    assert out.shape == (3, 8)
+    torch.testing.assert_close(out, conv.lin_out.bias.expand(3, 8))
+    edge_index = torch.tensor([[0, 6, 2], [0, 0, 2]])
+    out, (_, alpha) = conv((x_src, x_dst), edge_index, return_attention_weights=True)
+    assert out.shape == (3, 8) and alpha.shape == (3, 2)
+    torch.testing.assert_close(alpha[2], torch.ones(2))
+
+
+def test_needs_positions_for_decay():
+    conv = MeshAttentionConv(8, 4)
+    with pytest.raises(ValueError, match="pos"):
+        conv(torch.randn(3, 8), torch.tensor([[0], [1]]))
+
+
+def test_gradients_reach_every_parameter():
+    x = torch.randn(20, 16, requires_grad=True)
+    conv = MeshAttentionConv(16, 4, heads=2, rotary=True)
+    edge_index, _ = DynamicMesh(4)(x)
+    conv(x, edge_index, torch.arange(20)).square().sum().backward()
+    for name, p in conv.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_inside_pyg_sequential():
+    model = Sequential("x, batch, pos", [
+        (DynamicMesh(3), "x, batch -> edge_index, edge_sim"),
+        (MeshAttentionConv(16, 8, heads=2), "x, edge_index, pos -> x"),
+        (torch.nn.ReLU(), "x -> x"),
+    ])
+    out = model(torch.randn(10, 16), torch.zeros(10, dtype=torch.long), torch.arange(10))
+    assert out.shape == (10, 16)
+
+
+def test_compiled_equals_eager():
+    torch._dynamo.reset()
+    conv = MeshAttentionConv(16, 4, heads=2).eval()
+    x = torch.randn(30, 16)
+    edge_index, _ = DynamicMesh(4)(x)
+    pos = torch.arange(30)
+    eager = conv(x, edge_index, pos)
+    compiled = torch.compile(conv)(x, edge_index, pos)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

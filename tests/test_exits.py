@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from tmt_pyg import TMTModel, tokens_to_batch
+from tmt_pyg.layers.exit_gate import consistency_loss, decisiveness_loss
+from test_model import CONFIGS, make_model
+
+
+def run(model, lengths=(40, 25)):
+    seqs = [torch.randint(0, 50, (n,)) for n in lengths]
+    return model(tokens_to_batch(seqs), output_hidden_states=True)
+
+
+def test_exited_state_is_frozen_bit_for_bit():
+    model = make_model(n_layers=4, **CONFIGS["exits-firing"])
+    out = run(model)
+    masks, hidden = out.exit_masks, out.hidden_states
+    assert bool(masks[1:].any()), "the test needs exits"
+    N = masks.size(1)
+    for layer in range(1, 4):
+        frozen = masks[layer]
+        for later in range(layer, 5):  # input of every later layer and the final state
+            assert torch.equal(hidden[later][:N][frozen], hidden[layer][:N][frozen])
+
+
+def test_masks_are_monotone_and_match_confidences():
+    model = make_model(n_layers=4, **CONFIGS["exits-firing"])
+    out = run(model)
+    masks, conf = out.exit_masks, out.confidences
+    assert not bool(masks[0].any())
+    assert bool((masks[1:] >= masks[:-1]).all())
+    for layer in range(3):
+        newly = masks[layer + 1] & ~masks[layer]
+        assert torch.equal(newly, ~masks[layer] & (conf[layer] > model.config.exit_threshold))
+        assert bool(conf[layer][masks[layer]].isnan().all())  # no gate work on exited tokens
+
+
+def test_exited_tokens_do_no_work():
+    model = make_model(n_layers=4, **CONFIGS["exits-firing"])
+    rows = {"ffn": [], "query": [], "gate": []}
+    for block in model.blocks:
+        block.ffn.register_forward_hook(lambda m, i, o: rows["ffn"].append(i[0].size(0)))
+        block.attn.lin_query.register_forward_hook(lambda m, i, o: rows["query"].append(i[0].size(0)))
+        if block.exit_gate is not None:
+            block.exit_gate.register_forward_hook(lambda m, i, o: rows["gate"].append(i[0].size(0)))
+    out = run(model)
+    active = (~out.exit_masks).sum(1)  # tokens processed per layer
+    anchors = 2 * model.config.memory_anchors
+    assert rows["ffn"] == rows["query"] == (active + anchors).tolist()
+    assert rows["gate"] == active[:-1].tolist()
+    assert out.rows_processed.tolist() == active.tolist()
+    assert float(out.work_fraction) == pytest.approx(float(active.sum()) / (4 * active[0]))
+    assert float(out.work_fraction) < 1
+
+
+def test_every_token_exited():
+    model = make_model(n_layers=3, exit_threshold=1e-6)
+    out = run(model)
+    assert bool(out.exit_masks[1].all()) and out.rows_processed.tolist()[1:] == [0, 0]
+    assert torch.isfinite(out.logits).all()
+    no_anchor = make_model(n_layers=3, exit_threshold=1e-6, use_anchors=False)
+    assert torch.isfinite(run(no_anchor).logits).all()
+
+
+def test_counted_flops_fall_with_exits():
+    model = make_model(n_layers=4)
+    full = run(model)
+    model.config.exit_threshold = 0.3
+    fewer = run(model)
+    assert fewer.flops < full.flops
+
+
+def test_exits_off_in_training_unless_asked():
+    model = make_model(**CONFIGS["exits-firing"]).train()
+    assert float(model(torch.randint(0, 50, (2, 20))).work_fraction) == 1.0
+    model.config.exit_in_training = True
+    assert float(model(torch.randint(0, 50, (2, 20))).work_fraction) < 1.0
+
+
+def test_gate_objectives():
+    c = torch.tensor([0.1, 0.5, 0.9])
+    assert float(decisiveness_loss(c)) == pytest.approx(-(0.4 + 0.0 + 0.4) / 3)
+    same, other = torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])
+    low = consistency_loss(torch.tensor([0.9, 0.1, 0.9]), same, other)
+    high = consistency_loss(torch.tensor([0.1, 0.9, 0.1]), same, other)
+    assert float(low) < float(high)

@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tmt_pyg import DynamicMesh, tokens_to_batch
+from tmt_pyg.layers.mesh import topk_per_target
+
+
+def brute_force_mesh(x, lengths, k, causal):
+    """Reference: per sequence and target, sort candidates by cosine similarity in plain Python."""
+    u = F.normalize(x, dim=-1)
+    edges, start = set(), 0
+    for n in lengths:
+        for i in range(start, start + n):
+            cand = range(start, i) if causal else [j for j in range(start, start + n) if j != i]
+            best = sorted(cand, key=lambda j: -float(u[i] @ u[j]))[:k]
+            edges |= {(j, i) for j in best} | {(i, i)}
+        start += n
+    return edges
+
+
+def as_set(edge_index):
+    return set(map(tuple, edge_index.t().tolist()))
+
+
+def random_batch(lengths, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(lengths), dim, generator=g, dtype=torch.float64)
+    batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return x, batch
+
+
+@pytest.mark.parametrize("backend", ["dense", "cluster"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths,k", [([7], 3), ([5, 12, 1, 9], 4), ([30, 3, 17], 8), ([200, 150], 5)])
+def test_mesh_equals_brute_force(backend, causal, lengths, k):
+    x, batch = random_batch(lengths, seed=len(lengths) + k)
+    edge_index, sim = DynamicMesh(k, causal=causal, backend=backend)(x, batch)
+    assert as_set(edge_index) == brute_force_mesh(x, lengths, k, causal)
+    assert edge_index.size(1) == len(as_set(edge_index))  # no duplicate edges
+    u = F.normalize(x, dim=-1)
+    torch.testing.assert_close(sim, (u[edge_index[0]] * u[edge_index[1]]).sum(-1))
+
+
+def test_cluster_chunks_cross_the_prefix_boundary():
+    """Sequences longer than one torch-cluster chunk (128) exercise the prefix-kNN + chunk merge."""
+    x, batch = random_batch([300, 260], dim=8, seed=3)
+    dense = as_set(DynamicMesh(6, backend="dense")(x, batch)[0])
+    cluster = as_set(DynamicMesh(6, backend="cluster")(x, batch)[0])
+    assert dense == cluster
+
+
+def test_causal_mesh_ignores_the_future():
+    x, batch = random_batch([40], seed=1)
+    edges = as_set(DynamicMesh(4)(x, batch)[0])
+    x2 = x.clone()
+    x2[25:] = torch.randn(15, x.size(1), dtype=x.dtype)
+    edges2 = as_set(DynamicMesh(4)(x2, batch)[0])
+    assert {e for e in edges if e[1] < 25} == {e for e in edges2 if e[1] < 25}
+    assert all(src <= dst for src, dst in edges)
+
+
+def test_fewer_candidates_than_k_and_self_edges():
+    x, batch = random_batch([3], seed=2)
+    edge_index, sim = DynamicMesh(8)(x, batch)
+    assert as_set(edge_index) == {(0, 0), (1, 1), (0, 1), (2, 2), (0, 2), (1, 2)}
+    torch.testing.assert_close(sim[edge_index[0] == edge_index[1]], torch.ones(3, dtype=x.dtype))
+
+
+def test_query_index_restricts_targets():
+    x, batch = random_batch([20, 10], seed=4)
+    mesh = DynamicMesh(3)
+    full = as_set(mesh(x, batch)[0])
+    query = torch.tensor([2, 5, 19, 21, 29])
+    sub = as_set(mesh(x, batch, query_index=query)[0])
+    assert sub == {e for e in full if e[1] in set(query.tolist())}
+
+
+def test_batch_invariance_of_the_mesh():
+    x, batch = random_batch([9, 14], seed=5)
+    both = as_set(DynamicMesh(4)(x, batch)[0])
+    alone = as_set(DynamicMesh(4)(x[9:], batch[9:] - 1)[0])
+    assert {(s - 9, d - 9) for s, d in both if d >= 9} == alone
+
+
+def test_topk_per_target():
+    src = torch.tensor([0, 1, 2, 3, 4])
+    dst = torch.tensor([9, 9, 9, 8, 8])
+    sim = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3])
+    s, d, w = topk_per_target(src, dst, sim, 2)
+    assert set(zip(s.tolist(), d.tolist())) == {(1, 9), (2, 9), (3, 8), (4, 8)}
+
+
+def test_mesh_works_on_a_pyg_batch():
+    batch = tokens_to_batch([torch.tensor([1, 2, 3]), torch.tensor([4, 5])])
+    x = torch.randn(batch.num_nodes, 8)
+    edge_index, _ = DynamicMesh(2)(x, batch.batch)
+    assert int(edge_index.max()) < 5
+
+
+@pytest.mark.parametrize("bad,err,match", [
+    (dict(k=0), ValueError, "graph_k"),
+    (dict(k=2, backend="nope"), ValueError, "backend"),
+])
+def test_constructor_errors(bad, err, match):
+    with pytest.raises(err, match=match):
+        DynamicMesh(**bad)
+
+
+def test_input_errors():
+    mesh = DynamicMesh(2)
+    with pytest.raises(ValueError, match="non-finite"):
+        mesh(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="sorted"):
+        mesh(torch.randn(3, 4), torch.tensor([1, 0, 0]))
+    with pytest.raises(TypeError, match="floating"):
+        mesh(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        mesh(torch.randn(0, 4))

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from tmt_pyg import TMTConfig, TMTModel, tokens_to_batch
+
+SMALL = dict(vocab_size=50, d_model=32, n_heads=4, n_layers=3, graph_k=4, ffn_stream_dim=48, mlp_dim=64,
+             memory_anchors=4, max_seq_len=64, dropout=0.0)
+CONFIGS = {
+    "full": dict(),
+    "exits-firing": dict(exit_threshold=0.3),
+    "no-anchors-learned-pos": dict(use_anchors=False, rope=False),
+    "dense-decay-anchors": dict(use_mesh=False),
+    "vanilla": dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False),
+    "cluster-backend": dict(mesh_backend="cluster"),
+}
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = TMTModel(TMTConfig(**{**SMALL, **overrides})).eval()
+    for block in model.blocks:  # spread the gate confidences so a low threshold really fires
+        if block.exit_gate is not None:
+            torch.nn.init.normal_(block.exit_gate.lin.weight, std=0.5)
+            torch.nn.init.zeros_(block.exit_gate.lin.bias)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_causality(name):
+    model = make_model(**CONFIGS[name])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (2, 40), generator=g)
+    base = model(ids).logits
+    for i in (0, 7, 23, 38):
+        changed = ids.clone()
+        changed[:, i + 1:] = torch.randint(0, 50, changed[:, i + 1:].shape, generator=g)
+        out = model(changed).logits
+        torch.testing.assert_close(out[:, :i + 1], base[:, :i + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[:, i + 1:], base[:, i + 1:])
+
+
+def test_exits_actually_fire_in_the_causality_config():
+    model = make_model(**CONFIGS["exits-firing"])
+    out = model(torch.randint(0, 50, (2, 40)))
+    assert 0 < float(out.exit_rate) < 1
+
+
+@pytest.mark.parametrize("name", ["full", "exits-firing", "dense-decay-anchors", "vanilla"])
+def test_batch_invariance(name):
+    model = make_model(**CONFIGS[name])
+    seqs = [torch.randint(0, 50, (n,)) for n in (17, 40, 5, 29)]
+    together = model(tokens_to_batch(seqs)).logits
+    start = 0
+    for s in seqs:
+        alone = model(tokens_to_batch([s])).logits
+        torch.testing.assert_close(together[start:start + s.numel()], alone, atol=1e-5, rtol=1e-5)
+        start += s.numel()
+
+
+def test_tensor_and_batch_inputs_agree():
+    model = make_model()
+    ids = torch.randint(0, 50, (3, 12))
+    out = model(ids).logits
+    assert out.shape == (3, 12, 50)
+    torch.testing.assert_close(out.reshape(36, 50), model(tokens_to_batch(list(ids))).logits)
+
+
+def test_loss_has_no_target_across_sequences():
+    model = make_model()
+    a, b = torch.randint(0, 50, (6,)), torch.randint(0, 50, (9,))
+    out = model(tokens_to_batch([a, b]), compute_loss=True)
+    logits = out.logits
+    expected = torch.nn.functional.cross_entropy(torch.cat([logits[:5], logits[6:14]]), torch.cat([a[1:], b[1:]]))
+    torch.testing.assert_close(out.lm_loss, expected)
+
+
+@pytest.mark.parametrize("gate_loss", ["consistency", "decisiveness"])
+def test_gradients_reach_every_parameter(gate_loss):
+    model = make_model(gate_loss=gate_loss, rope=False).train()
+    out = model(torch.randint(0, 50, (2, 30)), compute_loss=True)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"no gradient reaches {name}"
+
+
+def test_output_fields():
+    model = make_model()
+    out = model(torch.randint(0, 50, (2, 10)), return_attention_weights=True)
+    N = 20
+    assert out.exit_masks.shape == (3, N) and out.confidences.shape == (2, N)
+    assert out.decay_scalars.shape == (3, 4) and out.memory_state.shape == (4, 32)
+    edge_index, sim = out.graph_edges
+    assert edge_index.size(1) == sim.numel() and int(edge_index.max()) < N
+    assert len(out.attentions) == 3 and out.attentions[0][1].shape == (out.attentions[0][0].size(1), 4)
+    assert float(out.work_fraction) == 1.0 and out.flops > 0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("d_model", 30, "divisible"), ("graph_k", 0, "graph_k"), ("exit_threshold", 1.5, "exit_threshold"),
+    ("mesh_backend", "gpu", "mesh_backend"), ("vocab_size", 0, "vocab_size"),
+])
+def test_config_errors(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TMTConfig(**{**SMALL, field: value})
+
+
+def test_input_errors():
+    model = make_model()
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[1, 2, 50]]))
+    with pytest.raises(ValueError, match="negative"):
+        model(torch.tensor([[1, -2, 3]]))
+    with pytest.raises(TypeError, match="long"):
+        model(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model([])
+    with pytest.raises(ValueError, match="non-finite"):
+        with torch.no_grad():
+            model.wte.weight[3] = float("nan")
+        model(torch.tensor([[1, 3, 4]]))

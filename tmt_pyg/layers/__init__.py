@@ -1,0 +1,12 @@
+"""TMT building blocks as PyTorch Geometric layers."""
+from .anchors import MemoryAnchors
+from .attention import MeshAttentionConv
+from .decay import TemporalDecay
+from .dense_attention import dense_attention
+from .exit_gate import ExitGate, consistency_loss, decisiveness_loss
+from .ffn import DualStreamFFN, FeedForward
+from .mesh import DynamicMesh
+from .rotary import apply_rotary
+
+__all__ = ["DynamicMesh", "MeshAttentionConv", "TemporalDecay", "apply_rotary", "dense_attention", "DualStreamFFN",
+           "FeedForward", "ExitGate", "decisiveness_loss", "consistency_loss", "MemoryAnchors"]

@@ -1,0 +1,126 @@
+"""MeshAttentionConv: multi-head attention over mesh edges with multiplicative temporal decay."""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.typing import Adj, OptTensor, PairTensor
+from torch_geometric.utils import softmax
+
+from .decay import TemporalDecay
+from .rotary import apply_rotary
+
+
+class MeshAttentionConv(MessagePassing):
+    r"""Multi-head dot-product attention over the edges of a (mesh) graph,
+
+    .. math::
+        \alpha_{ij} = \mathrm{softmax}_{j \in \mathcal{N}(i)}\big(\mathbf{q}_i^\top \mathbf{k}_j / \sqrt{d}\big),
+        \qquad \mathbf{m}_i = \sum_{j \in \mathcal{N}(i)} \gamma_{ij}\,\alpha_{ij}\,\mathbf{v}_j
+
+    with the temporal decay :math:`\gamma_{ij}` of :class:`TemporalDecay` applied *after* the
+    softmax (order: softmax -> decay -> dropout), heads concatenated (or averaged) and an output
+    projection. Nodes with a negative position are timeless (memory anchors): decay 1 on their
+    edges, no rotary rotation.
+
+    Args:
+        in_channels (int or tuple): size of each input sample, or ``(source, target)`` sizes.
+        out_channels (int): size of each head's output.
+        heads (int): number of attention heads.
+        concat (bool): concatenate the heads (else average them).
+        dropout (float): dropout on the attention weights.
+        decay (bool): apply the learned temporal decay (needs ``pos``).
+        decay_rate (float): initial decay rate of every head.
+        max_seq_len (int): normaliser of the temporal distance.
+        rotary (bool): rotate queries and keys by their positions (RoPE, needs ``pos``).
+        bias (bool): learn additive biases in the projections.
+        **kwargs: passed on to :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        input: ``x`` (N, F) or ``((N_src, F_src), (N_dst, F_dst))``, ``edge_index`` (2, E),
+        ``pos`` (N,) or a pair (long). output: (N_dst, heads * out_channels) or
+        (N_dst, out_channels); with ``return_attention_weights=True`` also
+        ``(edge_index, alpha)``, ``alpha`` (E, heads) the weights actually used (``gamma * alpha``).
+    """
+
+    def __init__(self, in_channels: Union[int, Tuple[int, int]], out_channels: int, heads: int = 1,
+                 concat: bool = True, dropout: float = 0.0, decay: bool = True, decay_rate: float = 2.0,
+                 max_seq_len: int = 1024, rotary: bool = False, bias: bool = True, **kwargs):
+        kwargs.setdefault("aggr", "add")
+        super().__init__(node_dim=0, **kwargs)
+        if rotary and out_channels % 2:
+            raise ValueError(f"rotary needs an even out_channels per head, got {out_channels}")
+        self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
+        self.concat, self.dropout, self.rotary = concat, dropout, rotary
+        if isinstance(in_channels, int):
+            in_channels = (in_channels, in_channels)
+        self.lin_query = Linear(in_channels[1], heads * out_channels, bias=bias)
+        self.lin_key = Linear(in_channels[0], heads * out_channels, bias=bias)
+        self.lin_value = Linear(in_channels[0], heads * out_channels, bias=bias)
+        width = heads * out_channels if concat else out_channels
+        self.lin_out = Linear(width, width, bias=bias)
+        self.decay = TemporalDecay(heads, decay_rate, max_seq_len) if decay else None
+        self._alpha: OptTensor = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for lin in (self.lin_query, self.lin_key, self.lin_value, self.lin_out):
+            lin.reset_parameters()
+        if self.decay is not None:
+            self.decay.reset_parameters()
+
+    def project_query(self, x: Tensor, pos: OptTensor) -> Tensor:
+        """(N, F) -> rotated queries (N, H, C)."""
+        query = self.lin_query(x).view(-1, self.heads, self.out_channels)
+        return apply_rotary(query, pos) if self.rotary else query
+
+    def project_key_value(self, x: Tensor, pos: OptTensor) -> Tuple[Tensor, Tensor]:
+        """(N, F) -> rotated keys and values, each (N, H, C)."""
+        key = self.lin_key(x).view(-1, self.heads, self.out_channels)
+        value = self.lin_value(x).view(-1, self.heads, self.out_channels)
+        return (apply_rotary(key, pos) if self.rotary else key), value
+
+    def combine_heads(self, out: Tensor) -> Tensor:
+        """(N, H, C) messages summed per target -> (N, width) output."""
+        out = out.reshape(out.size(0), -1) if self.concat else out.mean(dim=1)
+        return self.lin_out(out)
+
+    def forward(self, x: Union[Tensor, PairTensor], edge_index: Adj,
+                pos: Union[OptTensor, Tuple[OptTensor, OptTensor]] = None,
+                return_attention_weights: Optional[bool] = None):
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        pos_src, pos_dst = pos if isinstance(pos, (tuple, list)) else (pos, pos)
+        if (self.rotary or self.decay is not None) and (pos_src is None or pos_dst is None):
+            raise ValueError("MeshAttentionConv with decay or rotary needs node positions `pos`")
+        key, value = self.project_key_value(x_src, pos_src)
+        out, alpha = self.attend(self.project_query(x_dst, pos_dst), key, value, edge_index, (pos_src, pos_dst))
+        if return_attention_weights:
+            return out, (edge_index, alpha)
+        return out
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Adj,
+               pos: Tuple[OptTensor, OptTensor]) -> Tuple[Tensor, Tensor]:
+        """Attention from projected ``query`` (N_dst, H, C) over ``key``/``value`` (N_src, H, C),
+        e.g. cached ones during generation. Returns the output (N_dst, width) and alpha (E, H)."""
+        out = self.propagate(edge_index, query=query, key=key, value=value, t=pos,
+                             size=(key.size(0), query.size(0)))
+        alpha, self._alpha = self._alpha, None
+        return self.combine_heads(out), alpha
+
+    def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, t_i: OptTensor, t_j: OptTensor,
+                index: Tensor, ptr: OptTensor, size_i: Optional[int]) -> Tensor:
+        alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)  # (E, H)
+        alpha = softmax(alpha, index, ptr, size_i)
+        if self.decay is not None:
+            alpha = alpha * self.decay(t_i, t_j)
+        self._alpha = alpha
+        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        return value_j * alpha.unsqueeze(-1)  # (E, H, C)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
+                f"decay={self.decay is not None}, rotary={self.rotary})")

@@ -1,0 +1,63 @@
+"""Dense attention with the weights of a MeshAttentionConv: the "no mesh" ablation."""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import MeshAttentionConv
+
+
+def rank_in_graph(batch: Tensor, num_graphs: int) -> Tensor:
+    """Index of every row among the rows of its graph, in row order (rows need not be sorted)."""
+    order = batch.argsort(stable=True)
+    counts = torch.bincount(batch, minlength=num_graphs)
+    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    rank = torch.empty_like(batch)
+    rank[order] = torch.arange(batch.numel(), device=batch.device) - start[batch[order]]
+    return rank
+
+
+def to_padded(values: Tensor, batch: Tensor, rank: Tensor, num_graphs: int, fill=0) -> Tensor:
+    """Rows (R, ...) -> (B, R_max, ...) with ``fill`` where a graph has fewer rows."""
+    width = int(rank.max()) + 1 if rank.numel() else 0
+    out = values.new_full((num_graphs, width) + tuple(values.shape[1:]), fill)
+    out[batch, rank] = values
+    return out
+
+
+def dense_attention(conv: MeshAttentionConv, x: Tuple[Tensor, Tensor], pos: Tuple[Tensor, Tensor],
+                    batch: Tuple[Tensor, Tensor], num_graphs: int, causal: bool) -> Tensor:
+    """Every target attends to all sources of its graph (causal: at positions <= its own;
+    sources with negative position, memory anchors, always), with the conv's projections,
+    rotary and decay. Uses ``scaled_dot_product_attention`` when there is no decay.
+
+    Shapes: ``x = (x_src (S, F), x_dst (T, F))``, ``pos`` and ``batch`` likewise (S,), (T,);
+    returns (T, width) like ``conv(x, edge_index, pos)``.
+    """
+    (x_src, x_dst), (pos_src, pos_dst), (b_src, b_dst) = x, pos, batch
+    query = conv.project_query(x_dst, pos_dst)
+    key, value = conv.project_key_value(x_src, pos_src)
+    r_src, r_dst = rank_in_graph(b_src, num_graphs), rank_in_graph(b_dst, num_graphs)
+    q = to_padded(query, b_dst, r_dst, num_graphs).transpose(1, 2)  # (B, H, Tq, C)
+    k = to_padded(key, b_src, r_src, num_graphs).transpose(1, 2)  # (B, H, Tk, C)
+    v = to_padded(value, b_src, r_src, num_graphs).transpose(1, 2)
+    t_q = to_padded(pos_dst, b_dst, r_dst, num_graphs, fill=-2)  # -2 marks padding
+    t_k = to_padded(pos_src, b_src, r_src, num_graphs, fill=-2)
+    allowed = (t_k > -2).unsqueeze(1) & (t_q > -2).unsqueeze(2)  # (B, Tq, Tk)
+    if causal:
+        allowed &= (t_k.unsqueeze(1) <= t_q.unsqueeze(2)) | (t_k == -1).unsqueeze(1)
+    allowed |= (t_q == -2).unsqueeze(2) & (torch.arange(k.size(2), device=k.device) == 0)  # padded rows: dummy key
+    p = conv.dropout if conv.training else 0.0
+    if conv.decay is None and causal and torch.equal(t_q, t_k) and bool((t_k >= 0).all()):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # unpadded: fused kernel
+    elif conv.decay is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=p)
+    else:
+        score = (q @ k.transpose(-1, -2)) / math.sqrt(conv.out_channels)  # (B, H, Tq, Tk)
+        alpha = score.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        gamma = conv.decay(t_q.unsqueeze(2), t_k.unsqueeze(1)).permute(0, 3, 1, 2)  # (B, H, Tq, Tk)
+        out = F.dropout(alpha * gamma, p=p, training=conv.training) @ v
+    out = out.transpose(1, 2)[b_dst, r_dst]  # (T, H, C)
+    return conv.combine_heads(out)

@@ -1,0 +1,4 @@
+from .config import TMTConfig
+from .tmt import TMTBlock, TMTModel, TMTOutput
+
+__all__ = ["TMTConfig", "TMTModel", "TMTOutput", "TMTBlock"]

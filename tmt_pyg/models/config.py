@@ -1,0 +1,69 @@
+"""TMTConfig: every size and switch of a TemporalMesh Transformer."""
+from dataclasses import dataclass, fields
+from typing import Any, Dict
+
+from ..layers.mesh import BACKENDS
+
+GATE_LOSSES = ("consistency", "decisiveness", "none")
+
+
+@dataclass
+class TMTConfig:
+    vocab_size: int = 256  # number of token ids
+    d_model: int = 256  # model width D
+    n_heads: int = 8  # attention heads; head width D / n_heads
+    n_layers: int = 4  # TMT layers
+    graph_k: int = 8  # mesh neighbours per token (the self edge comes on top)
+    decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
+    exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
+    dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
+    ffn_stream_dim: int = 512  # hidden width of each FFN stream
+    mlp_dim: int = 1024  # hidden width of the plain MLP (dual_stream=False)
+    memory_anchors: int = 16  # persistent memory anchors (virtual nodes) per graph
+    max_seq_len: int = 1024  # longest sequence; also the decay's distance normaliser
+    dropout: float = 0.1  # dropout on embeddings, residual branches and attention weights
+    causal: bool = True  # causal language model (else bidirectional encoder)
+    use_mesh: bool = True  # kNN mesh attention; False: dense attention over the whole (causal) context
+    use_decay: bool = True  # multiplicative temporal decay on attention weights
+    use_exit: bool = True  # per-token exit gates (frozen and skipped once exited)
+    use_anchors: bool = True  # memory anchors
+    rope: bool = True  # rotary positions in attention; False: learned absolute position embeddings
+    mesh_backend: str = "auto"  # "auto" | "dense" | "cluster" (see DynamicMesh)
+    gate_loss: str = "consistency"  # exit-gate objective: "consistency" | "decisiveness" | "none"
+    gate_loss_weight: float = 0.1  # weight of the gate objective in the total loss
+    gate_sample: int = 512  # tokens per batch scored by the consistency objective
+    exit_in_training: bool = False  # also freeze exited tokens in training mode
+    anchor_momentum: float = 0.99  # EMA momentum beta of the anchor state
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"TMTConfig: {msg}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_stream_dim", "mlp_dim"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.d_model % self.n_heads == 0,
+             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        need(not self.rope or (self.d_model // self.n_heads) % 2 == 0, "rope needs an even head width")
+        need(isinstance(self.graph_k, int) and self.graph_k >= 1, f"graph_k must be an integer >= 1, got {self.graph_k!r}")
+        need(0.0 < self.exit_threshold <= 1.0, f"exit_threshold must lie in (0, 1], got {self.exit_threshold}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
+        need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
+        need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
+        need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")
+        need(self.gate_loss in GATE_LOSSES, f"gate_loss must be one of {GATE_LOSSES}, got {self.gate_loss!r}")
+        need(0.0 <= self.anchor_momentum < 1.0, f"anchor_momentum must lie in [0, 1), got {self.anchor_momentum}")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TMTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TMTConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def vanilla(cls, **overrides) -> "TMTConfig":
+        """A plain causal transformer: every TMT part switched off."""
+        switches = dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
+        return cls(**{**switches, **overrides})
