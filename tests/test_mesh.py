@@ -117,3 +117,12 @@ def test_input_errors():
         mesh(torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         mesh(torch.randn(0, 4))
+
+
+def test_exact_ties_go_to_the_most_recent_candidates():
+    x = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]])  # six identical states, then another
+    edge_index, _ = DynamicMesh(2, backend="dense")(x)
+    assert {s for s, d in as_set(edge_index) if d == 5 and s != d} == {3, 4}
+    shifted = torch.cat([torch.tensor([[0.0, 1.0]] * 3), x])  # same sequence inside a longer block
+    edge_index, _ = DynamicMesh(2, backend="dense")(shifted, torch.tensor([0] * 3 + [1] * 7))
+    assert {s - 3 for s, d in as_set(edge_index) if d == 8 and s != d} == {3, 4}

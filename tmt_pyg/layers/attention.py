@@ -86,7 +86,7 @@ class MeshAttentionConv(MessagePassing):
 
     def combine_heads(self, out: Tensor) -> Tensor:
         """(N, H, C) messages summed per target -> (N, width) output."""
-        out = out.reshape(out.size(0), -1) if self.concat else out.mean(dim=1)
+        out = out.reshape(out.size(0), self.heads * self.out_channels) if self.concat else out.mean(dim=1)
         return self.lin_out(out)
 
     def forward(self, x: Union[Tensor, PairTensor], edge_index: Adj,

@@ -57,11 +57,17 @@ def dense_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query
         sim = u[q] @ u[lo:hi].t()  # (b, span)
         valid = batch[keys].unsqueeze(0) == batch[q].unsqueeze(1)
         valid &= (keys.unsqueeze(0) < q.unsqueeze(1)) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
-        val, idx = sim.masked_fill(~valid, float("-inf")).topk(min(k, hi - lo), dim=1)
-        keep = val > float("-inf")
-        srcs.append((idx + lo)[keep])
-        dsts.append(q.unsqueeze(1).expand_as(idx)[keep])
-        sims.append(val[keep])
+        sim = sim.masked_fill(~valid, float("-inf"))
+        kth = sim.topk(min(k, hi - lo), dim=1).values[:, -1:]
+        # exact ties (e.g. repeated tokens at layer 0) go to the most recent candidates, so the
+        # choice depends on the sequence alone, not on the batch or the block layout
+        greater, equal = sim > kth, (sim == kth) & valid
+        need = (kth > float("-inf")).long() * (min(k, hi - lo) - greater.sum(1, keepdim=True))
+        rank_from_right = equal.flip(1).cumsum(1).flip(1)
+        row, col = (greater | (equal & (rank_from_right <= need))).nonzero().t()
+        srcs.append(col + lo)
+        dsts.append(q[row])
+        sims.append(sim[row, col])
     if not srcs:
         empty = query.new_empty(0)
         return empty, empty, u.new_empty(0)

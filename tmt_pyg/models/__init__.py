@@ -1,4 +1,5 @@
 from .config import TMTConfig
+from .sizing import count_parameters, match_parameters
 from .tmt import TMTBlock, TMTModel, TMTOutput
 
-__all__ = ["TMTConfig", "TMTModel", "TMTOutput", "TMTBlock"]
+__all__ = ["TMTConfig", "TMTModel", "TMTOutput", "TMTBlock", "count_parameters", "match_parameters"]
