@@ -7,7 +7,7 @@ SMALL = dict(vocab_size=50, d_model=32, n_heads=4, n_layers=3, graph_k=4, ffn_st
              memory_anchors=4, max_seq_len=64, dropout=0.0)
 CONFIGS = {
     "full": dict(),
-    "exits-firing": dict(exit_threshold=0.3),
+    "exits-firing": dict(exit_threshold=0.6),
     "no-anchors-learned-pos": dict(use_anchors=False, rope=False),
     "dense-decay-anchors": dict(use_mesh=False),
     "vanilla": dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False),
@@ -20,7 +20,7 @@ def make_model(seed=0, **overrides):
     model = TMTModel(TMTConfig(**{**SMALL, **overrides})).eval()
     for block in model.blocks:  # spread the gate confidences so a low threshold really fires
         if block.exit_gate is not None:
-            torch.nn.init.normal_(block.exit_gate.lin.weight, std=0.5)
+            torch.nn.init.normal_(block.exit_gate.lin.weight, std=1.0)
             torch.nn.init.zeros_(block.exit_gate.lin.bias)
     return model
 
