@@ -1,4 +1,9 @@
 """tmt_pyg: the TemporalMesh Transformer as PyTorch Geometric layers."""
+import warnings
+
+with warnings.catch_warnings():  # PyG 2.8 says torch-cluster is "no longer necessary": it is for us, we call it directly
+    warnings.filterwarnings("ignore", message=".*torch-cluster.*", category=DeprecationWarning)
+    import torch_geometric  # noqa: F401
 from .data.batching import tokens_to_batch
 from .layers import DualStreamFFN, DynamicMesh, ExitGate, MemoryAnchors, MeshAttentionConv, TemporalDecay
 from .models import TMTConfig, TMTModel, TMTOutput, count_parameters, match_parameters

@@ -1,14 +1,11 @@
 """DynamicMesh: the per-layer kNN graph over L2-normalised token states."""
-import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-with warnings.catch_warnings():  # PyG 2.8 deprecates its own torch-cluster route; we call torch-cluster directly
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import torch_cluster
+import torch_cluster
 
 BACKENDS = ("auto", "dense", "cluster")
 
