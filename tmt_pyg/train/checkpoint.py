@@ -1,0 +1,76 @@
+"""Atomic checkpoints with keep-last-N, and the RNG states an exact resume needs."""
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+def rng_state() -> dict:
+    """Python, torch CPU and (if present) CUDA generator states."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_dir: PathLike) -> list:
+    """Checkpoint files ``step_*.pt`` in ``ckpt_dir``, oldest first."""
+    return sorted(Path(ckpt_dir).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def save_checkpoint(state: dict, ckpt_dir: PathLike, step: int, keep_last: int = 3) -> Path:
+    """Write ``state`` to ``ckpt_dir/step_{step}.pt`` atomically, then keep only the newest ``keep_last``.
+
+    The file is written to a temporary name in the same directory and moved into place with
+    ``os.replace``, so a crash never leaves a truncated checkpoint under a real name.
+    """
+    assert keep_last >= 1, f"keep_last must be >= 1, got {keep_last}"
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def find_checkpoint(path: PathLike) -> Optional[Path]:
+    """Resolve a checkpoint file, a checkpoint directory or a run directory to a file (newest), or None."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for d in (path / "checkpoints", path):
+        found = list_checkpoints(d) if d.is_dir() else []
+        if found:
+            return found[-1]
+    return None
+
+
+def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint (file, checkpoint dir or run dir) with ``torch.load(weights_only=True)``."""
+    file = find_checkpoint(path)
+    if file is None:
+        raise FileNotFoundError(f"no checkpoint found at {path} (expected a .pt file or a directory with step_*.pt)")
+    return torch.load(file, map_location=map_location, weights_only=True)
