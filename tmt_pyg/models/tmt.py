@@ -170,19 +170,12 @@ class TMTModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
             active = torch.cat([active_tokens, anchor_nodes])
-            edge_index = None
             context = pos[active_tokens] + 1 if cfg.causal else lengths[tok_batch[active_tokens]]  # keys a query may see
             mesh_pairs = int(context.sum()) - active_tokens.numel()
+            edge_global = edge_index = None
             if self.mesh is not None:
-                mesh_edges, mesh_sim = self.mesh(h[:N], tok_batch, query_index=active_tokens)
-                graph_edges = (mesh_edges, mesh_sim)
-                edge_global = mesh_edges
-                if self.anchors is not None:
-                    edge_global = torch.cat([mesh_edges, self.anchors.edges(active_tokens, tok_batch[active_tokens], N, cfg.causal),
-                                             anchor_nodes.expand(2, -1)], dim=1)
-                local = torch.full((h.size(0),), -1, dtype=torch.long, device=dev)
-                local[active] = torch.arange(active.numel(), device=dev)
-                edge_index = torch.stack([edge_global[0], local[edge_global[1]]])
+                graph_edges = self.mesh(h[:N], tok_batch, query_index=active_tokens)
+                edge_global, edge_index = self._layer_edges(graph_edges[0], h.size(0), tok_batch, active_tokens, active, anchor_nodes)
             exit_masks.append(exited)
             hidden.append(h)
             h_active, alpha = block(h, active, edge_index, node_pos, node_batch, B, cfg.causal)
@@ -190,8 +183,9 @@ class TMTModel(nn.Module):
             rows.append(active_tokens.numel())
             if edge_index is not None:
                 flops += layer_flops(cfg, h.size(0), active.numel(), edge_index.size(1), mesh_pairs)
-            else:
-                flops += layer_flops(cfg, h.size(0), active.numel(), mesh_pairs + active.numel() * (1 + anchor_nodes.numel() // max(B, 1)), 0)
+            else:  # dense: every allowed query-key pair is an edge, no kNN search
+                anchor_pairs = active.numel() * anchor_nodes.numel() // B
+                flops += layer_flops(cfg, h.size(0), active.numel(), mesh_pairs + active.numel() + anchor_pairs, 0)
             if return_attention_weights and edge_index is not None:
                 attentions.append((edge_global, alpha))
             if block.exit_gate is not None:
@@ -231,6 +225,18 @@ class TMTModel(nn.Module):
         if isinstance(tokens, Tensor):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
+
+    def _layer_edges(self, mesh_edges: Tensor, num_nodes: int, tok_batch: Tensor, active_tokens: Tensor,
+                     active: Tensor, anchor_nodes: Tensor) -> Tuple[Tensor, Tensor]:
+        """Mesh edges plus anchor edges (anchor -> token, token -> anchor if bidirectional, anchor
+        self edges). Returns them in node ids (2, E) and with targets renumbered in ``active`` order."""
+        edge_global = mesh_edges
+        if self.anchors is not None:
+            anchor_edges = self.anchors.edges(active_tokens, tok_batch[active_tokens], num_nodes - anchor_nodes.numel(), self.config.causal)
+            edge_global = torch.cat([mesh_edges, anchor_edges, anchor_nodes.expand(2, -1)], dim=1)
+        local = torch.full((num_nodes,), -1, dtype=torch.long, device=mesh_edges.device)
+        local[active] = torch.arange(active.numel(), device=mesh_edges.device)
+        return edge_global, torch.stack([edge_global[0], local[edge_global[1]]])
 
     def _gate_loss(self, confidences: List[Tensor], states: List[Tensor], sample: Optional[Tensor], logits: Tensor) -> Tensor:
         if not confidences or self.config.gate_loss == "none":
