@@ -216,10 +216,12 @@ class TMTModel(nn.Module):
             hidden_states=hidden + [h] if output_hidden_states else None,
         )
         if compute_loss:
-            same = tok_batch[1:] == tok_batch[:-1]
-            if not bool(same.any()):
+            # row i predicts token i + 1 of the same sequence; no slicing of the (N, V) logits, whose
+            # backward would materialise another (N, V) tensor
+            has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
+            if not bool(has_next.any()):
                 raise ValueError("no next-token targets: every sequence has length 1")
-            out.lm_loss = F.cross_entropy(logits[:-1][same], ids[1:][same])
+            out.lm_loss = F.cross_entropy(logits, torch.where(has_next, ids.roll(-1), -100), ignore_index=-100)
             out.gate_loss = self._gate_loss(confidences, states, sample, logits)
             out.loss = out.lm_loss + cfg.gate_loss_weight * out.gate_loss
         if isinstance(tokens, Tensor):
