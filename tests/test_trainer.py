@@ -111,4 +111,4 @@ def test_evaluate_recall_accuracy():
     batch.answer_mask = torch.zeros(16, dtype=torch.bool)
     batch.answer_mask[[3, 8, 12]] = True  # 8 starts sequence 2: nothing predicts it, so it is not scored
     result = evaluate(Oracle(), [batch])
-    assert result["recall_acc"] == 1.0 and result["loss"] < 1e-6 and result["tokens"] == 14
+    assert result["recall_acc"] == 1.0 and result["loss"] < 1e-6 and result["targets"] == 14

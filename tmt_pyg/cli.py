@@ -292,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"checkpoint step {state['step']} | {args.split}: {result['tokens']:,} target tokens\n"
+        print(f"checkpoint step {state['step']} | {args.split}: {result['targets']:,} target tokens\n"
               f"loss {result['loss']:.4f} | {summary(result)}")
     return 0
 

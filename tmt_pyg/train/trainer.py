@@ -106,7 +106,7 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
         raise ValueError("evaluation loader produced no next-token targets (empty or too-short sequences)")
     loss = loss_sum / n_targets
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "recall_acc": hits / n_answers if n_answers else None,
-            "exit_rate": exit_sum / n_batches, "work_fraction": work_sum / n_batches, "tokens": n_targets}
+            "exit_rate": exit_sum / n_batches, "work_fraction": work_sum / n_batches, "targets": n_targets}
 
 
 class Trainer:
@@ -223,8 +223,8 @@ class Trainer:
                 self.evaluate()
                 if self.is_main:
                     plot_metrics(self.metrics_path)
-            if self.last_eval is not None:
-                postfix["val_ppl"] = f"{self.last_eval['ppl']:.1f}"
+            if self.last_eval is not None:  # exits act in eval mode: the val exit rate is the one to watch
+                postfix.update(val_ppl=f"{self.last_eval['ppl']:.1f}", val_exit=f"{self.last_eval['exit_rate']:.2f}")
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if self.step % ckpt_every == 0 or self.step in (stop_at, cfg.steps):
