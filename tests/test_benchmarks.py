@@ -1,0 +1,86 @@
+"""The benchmark scripts run (--quick) and write complete, finite results, so they cannot rot."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
+
+from benchmarks import exit_speed, memory, mesh_backends, speed  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_quick(module, tmp_path: Path) -> dict:
+    returned = module.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / f"{module.NAME}.json").read_text())
+    assert (tmp_path / f"{module.NAME}.png").stat().st_size > 0
+    assert (tmp_path / f"{module.NAME}.md").read_text().startswith(f"## {module.NAME}")
+    assert written["benchmark"] == module.NAME
+    assert {"cpu", "torch", "torch_threads", "load_average_start", "load_average_end"} <= set(written["machine"])
+    assert written["machine"]["torch_threads"] == 1
+    assert json.loads(json.dumps(returned)) == written
+    return written
+
+
+def finite_positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_mesh_backends(tmp_path):
+    result = run_quick(mesh_backends, tmp_path)
+    rows = result["rows"]
+    assert {(r["kind"], r["causal"]) for r in rows} == {("token states", False), ("token states", True),
+                                                        ("points", False), ("points", True)}
+    for r in rows:
+        assert finite_positive(r["dense_ms"], r["cluster_ms"], r["cluster_over_dense"], r["edges"])
+        assert r["same_edges"], f"backends disagree on {r}"
+        assert r["auto"] in ("dense", "cluster")
+    assert result["all_same_edges"] is True and isinstance(result["auto_rule_holds"], bool)
+
+
+def test_exit_speed(tmp_path):
+    result = run_quick(exit_speed, tmp_path)
+    assert set(result["results"]) == {"default (mesh, anchors, dual stream)", "anchors off"}
+    for rows in result["results"].values():
+        assert [r["exit_fraction"] for r in rows] == list(exit_speed.FRACTIONS)
+        for r in rows:
+            assert finite_positive(r["median_ms"], r["flops"], r["time_ratio"], r["flop_ratio"], r["ideal_row_ratio"])
+            S = r["rows_processed"][0]
+            assert r["rows_processed"][1:] == [S - r["exited_tokens"]] * 3
+        flops = [r["flops"] for r in rows]
+        assert flops == sorted(flops, reverse=True) and rows[0]["flop_ratio"] == 1.0
+    assert set(result["profiles"]) == {"0% exited", "50% exited"}
+    for prof in result["profiles"].values():
+        assert finite_positive(prof["total_ms"]) and prof["top_ops"]
+        assert "mesh kNN" in {r["label"] for r in prof["breakdown"]}
+
+
+def test_speed(tmp_path):
+    result = run_quick(speed, tmp_path)
+    assert {r["model"] for r in result["rows"]} == {"TMT", "TMT, anchors off", "mesh only", "vanilla"}
+    params = {r["params"] for r in result["rows"]}
+    assert max(params) / min(params) < 1.02, "compared models must have matched parameter counts"
+    for r in result["rows"]:
+        assert finite_positive(r["train_tokens_per_s"], r["infer_tokens_per_s"], r["train_ms"], r["infer_ms"])
+    assert all(finite_positive(r["train_ratio"], r["infer_ratio"]) for r in result["ratios"])
+    assert finite_positive(result["target_train_ratio"])
+    labels = {r["label"] for r in result["profiles"]["TMT"]["breakdown"]}
+    assert {"forward", "backward", "optimizer", "mesh kNN", "anchor EMA update"} <= labels
+
+
+def test_memory(tmp_path):
+    result = run_quick(memory, tmp_path)
+    assert {(r["model"], r["S"]) for r in result["rows"]} == {(m, s) for m in ("TMT", "vanilla") for s in (128, 256)}
+    for r in result["rows"]:
+        assert finite_positive(r["process_peak_bytes"], r["rss_before_bytes"], r["step_seconds"])
+        assert r["step_peak_bytes"] >= 0
+    assert all(math.isfinite(v) and v >= 0 for v in result["ratios"].values())

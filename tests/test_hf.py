@@ -1,0 +1,116 @@
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from tmt_pyg import TMTConfig, tokens_to_batch
+from tmt_pyg.hf import TMTForCausalLM, TMTHFConfig
+from test_model import CONFIGS, SMALL, make_model
+
+
+def hf_model(**overrides) -> TMTForCausalLM:
+    """The HF wrapper around the same weights as ``make_model`` (gates spread so exits fire)."""
+    model = TMTForCausalLM(TMTHFConfig.from_tmt_config(TMTConfig(**{**SMALL, **overrides})))
+    model.tmt.load_state_dict(make_model(**overrides).state_dict())
+    return model.eval()
+
+
+def left_pad(rows, pad_id=0):
+    S = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), S), pad_id)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, S - r.numel():], mask[i, S - r.numel():] = r, 1
+    return ids, mask
+
+
+def test_config_conversion(tmp_path):
+    cfg = TMTConfig(**SMALL, use_anchors=False, mesh_backend="dense", gate_loss="decisiveness")
+    hf_cfg = TMTHFConfig.from_tmt_config(cfg)
+    assert hf_cfg.to_tmt_config() == cfg
+    assert (hf_cfg.hidden_size, hf_cfg.num_attention_heads, hf_cfg.num_hidden_layers) == (32, 4, 3)
+    assert hf_cfg.model_type == "tmt" and hf_cfg.tie_word_embeddings
+    hf_cfg.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, TMTHFConfig) and loaded.to_tmt_config() == cfg
+    assert TMTHFConfig().to_tmt_config() == TMTConfig()
+    with pytest.raises(ValueError, match="graph_k"):
+        TMTHFConfig(graph_k=0)
+    with pytest.raises(ValueError, match="tie"):
+        TMTHFConfig(tie_word_embeddings=False)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = hf_model()
+    with torch.no_grad():  # make the buffer differ from any fresh initialisation
+        model.tmt.anchors.anchor_state.add_(torch.randn_like(model.tmt.anchors.anchor_state))
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, TMTForCausalLM) and not loaded.training
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(loaded.tmt.anchors.anchor_state, model.tmt.anchors.anchor_state)
+    ids = torch.randint(0, 50, (2, 20))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.get_input_embeddings() is loaded.tmt.wte  # the LM head reads the same matrix
+
+
+@pytest.mark.parametrize("gate_loss", ["none", "consistency"])
+def test_loss_equals_tmt_loss(gate_loss):
+    model = hf_model(gate_loss=gate_loss, exit_threshold=0.6)
+    ids = torch.randint(0, 50, (2, 16))
+    ref = model.tmt(ids, compute_loss=True)
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.lm_loss if gate_loss == "none" else ref.loss)
+
+
+def test_padding_and_ignored_labels():
+    model = hf_model(gate_loss="none")
+    rows = [torch.randint(0, 50, (n,)) for n in (9, 4, 13)]
+    ids, mask = left_pad(rows)
+    out = model(ids, attention_mask=mask, labels=ids)
+    ref = model.tmt(tokens_to_batch(rows), compute_loss=True)
+    torch.testing.assert_close(out.logits[mask.bool()], ref.logits, atol=1e-5, rtol=1e-5)
+    assert bool((out.logits[~mask.bool()] == 0).all())
+    torch.testing.assert_close(out.loss, ref.lm_loss, atol=1e-5, rtol=1e-5)
+    labels = ids.clone()
+    labels[:, -1] = -100  # the last target of every row is not scored
+    rows_short = [r[:-1] for r in rows]
+    ref_short = model.tmt(tokens_to_batch(rows_short), compute_loss=True).lm_loss
+    torch.testing.assert_close(model(ids, attention_mask=mask, labels=labels).loss, ref_short, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", ["exits-firing", "vanilla"])
+def test_generate_equals_own_greedy(name, use_cache):
+    model = hf_model(**CONFIGS[name])
+    ids = torch.randint(0, 50, (2, 7))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=use_cache)
+    assert torch.equal(out, model.tmt.generate(ids, 6, temperature=0))
+
+
+def test_generate_left_padded():
+    model = hf_model(**CONFIGS["exits-firing"])
+    rows = [torch.randint(1, 50, (n,)) for n in (8, 3)]
+    ids, mask = left_pad(rows)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for i, row in enumerate(rows):
+        assert torch.equal(out[i, ids.size(1):], model.tmt.generate(row.unsqueeze(0), 5, temperature=0)[0, row.numel():])
+
+
+def test_beam_search_cache_equals_recompute():
+    model = hf_model(**CONFIGS["exits-firing"])
+    ids = torch.randint(0, 50, (2, 6))
+    cached = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False))
+
+
+def test_clear_errors():
+    model = hf_model()
+    ids = torch.randint(0, 50, (2, 5))
+    with pytest.raises(ValueError, match="eval"):
+        model.train()(ids, use_cache=True)
+    model.eval()
+    with pytest.raises(TypeError, match="TMTGenerationCache"):
+        model(ids, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))

@@ -1,0 +1,147 @@
+"""HuggingFace ``transformers`` wrappers: ``TMTHFConfig`` and ``TMTForCausalLM`` (``save_pretrained``,
+``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as ``past_key_values``."""
+import copy
+from dataclasses import asdict, fields
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .data.batching import tokens_to_batch
+from .models import TMTConfig, TMTModel
+from .models.generation import TMTCache, extend
+
+TMT_FIELDS = tuple(f.name for f in fields(TMTConfig))
+
+
+class TMTHFConfig(PretrainedConfig):
+    """``transformers`` config holding every :class:`TMTConfig` field under its own name (validated by
+    ``TMTConfig``); ``hidden_size``, ``num_attention_heads``, ``num_hidden_layers`` and
+    ``max_position_embeddings`` are aliases of ``d_model``, ``n_heads``, ``n_layers``, ``max_seq_len``."""
+
+    model_type = "tmt"
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers",
+                     "max_position_embeddings": "max_seq_len"}
+
+    def __init__(self, **kwargs):
+        tmt = TMTConfig(**{name: kwargs.pop(name) for name in TMT_FIELDS if name in kwargs})
+        for name in TMT_FIELDS:
+            setattr(self, name, getattr(tmt, name))
+        if not kwargs.setdefault("tie_word_embeddings", True):
+            raise ValueError("TMT always ties the LM head to the token embedding (tie_word_embeddings=True)")
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_tmt_config(cls, config: TMTConfig, **kwargs) -> "TMTHFConfig":
+        return cls(**asdict(config), **kwargs)
+
+    def to_tmt_config(self) -> TMTConfig:
+        return TMTConfig(**{name: getattr(self, name) for name in TMT_FIELDS})
+
+
+class TMTGenerationCache:
+    """``past_key_values`` of :class:`TMTForCausalLM`: one :class:`TMTCache` per batch row (rows may
+    hold different numbers of real tokens). ``transformers`` hands it back at every decoding step."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, rows: List[TMTCache], seq_length: int):
+        self.rows, self.seq_length = rows, seq_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns of ``input_ids`` seen so far, padding included."""
+        return self.seq_length
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: row ``i`` continues from the cache of row ``beam_idx[i]``. ``extend`` never
+        writes into cached tensors, so a shallow copy with its own layer list is an independent fork."""
+        forks = []
+        for i in beam_idx.tolist():
+            fork = copy.copy(self.rows[i])
+            fork.layers = list(fork.layers)
+            forks.append(fork)
+        self.rows = forks
+
+
+class TMTForCausalLM(PreTrainedModel, GenerationMixin):
+    """:class:`TMTModel` as a ``transformers`` causal LM (LM head tied to the embedding).
+
+    ``forward`` takes padded ``input_ids`` (B, S) with an optional ``attention_mask``: positions with
+    mask 0 are dropped and the remaining tokens of each row form one ragged PyG batch (no padding
+    reaches the model), so left padding works; logits at dropped positions are 0.
+    """
+
+    config_class = TMTHFConfig
+    base_model_prefix = "tmt"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: TMTHFConfig):
+        super().__init__(config)
+        self.tmt = TMTModel(config.to_tmt_config())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Nothing to do: TMTModel initialises itself (scaled residual init, anchors) and
+        ``from_pretrained`` loads every tensor, the ``anchor_state`` buffer included."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward builds a TMTGenerationCache itself; a DynamicCache cannot hold a mesh
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.tmt.wte
+
+    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+        self.tmt.wte = value
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                past_key_values: Optional[TMTGenerationCache] = None, use_cache: Optional[bool] = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """``input_ids`` (B, S) (only the new tokens when ``past_key_values`` is given), ``attention_mask``
+        (B, S) or (B, past + S), ``labels`` (B, S) scored HF-style (shifted inside, -100 ignored).
+        ``loss`` = next-token cross-entropy + ``gate_loss_weight`` * the exit-gate objective, as
+        ``TMTModel``'s. Returns ``logits`` (B, S, V), or its last ``logits_to_keep`` columns."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask[:, -input_ids.size(1):].bool())
+        rows = [ids[k] for ids, k in zip(input_ids, keep)]
+        if any(row.numel() == 0 for row in rows):
+            raise ValueError("every row needs at least one token with attention_mask 1")
+        cached = past_key_values is not None or bool(use_cache)
+        if cached and (self.training or labels is not None):
+            raise ValueError("the TMT cache serves inference only: call model.eval(), pass no labels, or use_cache=False")
+        loss = None
+        if past_key_values is not None:
+            if not isinstance(past_key_values, TMTGenerationCache):
+                raise TypeError(f"past_key_values must be a TMTGenerationCache made by this model, got {type(past_key_values).__name__}")
+            flat = torch.cat([extend(self.tmt, cache, row) for cache, row in zip(past_key_values.rows, rows)])
+            past_key_values.seq_length += input_ids.size(1)
+        elif cached and logits_to_keep == 1:  # generate()'s prefill: the caches' last logits are all it needs
+            past_key_values = TMTGenerationCache([TMTCache(self.tmt, row) for row in rows], input_ids.size(1))
+            flat = torch.stack([cache.last_logits for cache in past_key_values.rows])
+            keep = torch.ones_like(keep[:, -1:])
+        else:
+            data = tokens_to_batch(rows)
+            out = self.tmt(data, compute_loss=labels is not None)
+            flat = out.logits  # (N, V), rows concatenated
+            if cached:
+                past_key_values = TMTGenerationCache([TMTCache(self.tmt, row) for row in rows], input_ids.size(1))
+            if labels is not None:
+                target = labels[keep]  # (N,) in the order of flat
+                same = data.batch[1:] == data.batch[:-1]  # positions t and t+1 in the same row
+                loss = F.cross_entropy(flat[:-1][same], target[1:][same], ignore_index=-100)
+                loss = loss + self.tmt.config.gate_loss_weight * out.gate_loss
+        logits = flat.new_zeros(*keep.shape, flat.size(-1))
+        logits[keep] = flat
+        return CausalLMOutputWithPast(loss=loss, logits=logits[:, -logits_to_keep:],
+                                      past_key_values=past_key_values if cached else None)
+
+
+# `AutoConfig` / `AutoModelForCausalLM.from_pretrained(path)` work once this module is imported
+AutoConfig.register("tmt", TMTHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(TMTHFConfig, TMTForCausalLM, exist_ok=True)
