@@ -1,0 +1,33 @@
+"""Every example and the WikiText benchmark runs end to end in quick mode, so none can rot."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["point_cloud", "node_classification"])
+def test_example_quick(name):
+    results = load(ROOT / "examples" / f"{name}.py").main(["--quick"])
+    assert len(results) >= 2  # TMT and at least one baseline, side by side
+    for model, metrics in results.items():
+        accuracy = metrics.get("test_acc", metrics.get("acc"))
+        assert accuracy is not None and 0.0 <= accuracy <= 1.0, (model, metrics)
+
+
+def test_exit_curve_quick(data_dir, tmp_path):
+    from benchmarks.exit_curve import main
+    result = main(["--quick", "--out", str(tmp_path), "--data-dir", str(data_dir / "wikitext-2")])
+    points = result["runs"]["consistency"]["points"]
+    assert points[0]["threshold"] is None and points[0]["work_fraction"] == 1.0
+    assert all(math.isfinite(p["ppl"]) and 0 < p["work_fraction"] <= 1 for p in points)
+    assert (tmp_path / "exit_curve.png").exists()
