@@ -35,7 +35,7 @@ def main(argv=None):
     for objective in OBJECTIVES:
         cfg = TMTConfig(vocab_size=len(data["vocab"]), max_seq_len=seq_len, graph_k=8, gate_loss=objective, **size)
         train = TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=2e-3, warmup=max(1, steps // 10),
-                            eval_every=0, out_dir=f"runs/exit_curve_{objective}", seed=args.seed,
+                            eval_every=0, out_dir=str((args.out if args.quick else Path("runs")) / f"exit_curve_{objective}"), seed=args.seed,
                             device="cpu", progress=not args.quick)
         run = train_lm(cfg, data, train, val_tokens)
         points = [(t, eval_at_threshold(run["model"], run["val_loader"], t)) for t in (None,) + THRESHOLDS]

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import exit_speed, memory, mesh_backends, speed  # noqa: E402
+from benchmarks import ablation, exit_speed, memory, mesh_backends, speed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +84,19 @@ def test_memory(tmp_path):
         assert finite_positive(r["process_peak_bytes"], r["rss_before_bytes"], r["step_seconds"])
         assert r["step_peak_bytes"] >= 0
     assert all(math.isfinite(v) and v >= 0 for v in result["ratios"].values())
+
+
+def test_ablation(tmp_path):
+    result = run_quick(ablation, tmp_path)
+    rows = result["rows"]
+    assert list(rows) == list(ablation.ROWS)
+    params = [r["params"] for r in rows.values()]
+    assert max(params) / min(params) < 1.02, "ablation rows must have matched parameter counts"
+    assert len(rows["vanilla"]["seeds"]) == len(rows["full"]["seeds"]) == 2 and len(rows["mesh"]["seeds"]) == 1
+    assert all(finite_positive(r["test_ppl"], r["val_ppl"], r["work_fraction"]) for r in rows.values())
+    effect = result["interaction"]
+    assert effect["interaction"] == pytest.approx(effect["full_gain"] - effect["sum_of_single_gains"])
+    cached = sorted(p.name for p in (tmp_path / "ablation_runs").glob("*.json"))
+    assert len(cached) == len(ablation.ROWS) + 2
+    again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
+    assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
