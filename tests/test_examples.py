@@ -24,6 +24,13 @@ def test_example_quick(name):
         assert accuracy is not None and 0.0 <= accuracy <= 1.0, (model, metrics)
 
 
+def test_wikitext_lm_quick(data_dir, tmp_path):
+    result = load(ROOT / "examples" / "wikitext_lm.py").main(
+        ["--quick", "--data-dir", str(data_dir / "wikitext-2"), "--out", str(tmp_path), "--prompt", "the game"])
+    assert math.isfinite(result["ppl"]) and result["targets"] > 1000 and 0 < result["work_fraction"] <= 1
+    assert result["sample"].startswith("the game") and len(result["sample"].split()) == 2 + 20
+
+
 def test_exit_curve_quick(data_dir, tmp_path):
     from benchmarks.exit_curve import main
     result = main(["--quick", "--out", str(tmp_path), "--data-dir", str(data_dir / "wikitext-2")])
