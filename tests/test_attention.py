@@ -1,32 +1,10 @@
-import math
-
 import pytest
 import torch
 from torch_geometric.nn import Sequential
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv, TemporalDecay
-from tmt_pyg.layers.rotary import apply_rotary
 
-
-def dense_reference(conv, x, edge_index, pos):
-    """Masked dense attention with the conv's own weights: softmax over in-edges, times decay."""
-    N, H, C = x.size(0), conv.heads, conv.out_channels
-    q = conv.lin_query(x).view(N, H, C)
-    k = conv.lin_key(x).view(N, H, C)
-    v = conv.lin_value(x).view(N, H, C)
-    if conv.rotary:
-        q, k = apply_rotary(q, pos), apply_rotary(k, pos)
-    mask = torch.zeros(N, N, dtype=torch.bool)
-    mask[edge_index[1], edge_index[0]] = True  # [target, source]
-    score = torch.einsum("ihc,jhc->hij", q, k) / math.sqrt(C)
-    alpha = score.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-    if conv.decay is not None:
-        dist = (pos[:, None] - pos[None, :]).abs().to(x.dtype) / conv.decay.max_seq_len
-        gamma = 2 * torch.sigmoid(-conv.decay.decay_scalars[:, None, None] * dist)
-        gamma = torch.where(pos[None, None, :] < 0, torch.ones_like(gamma), gamma)
-        alpha = alpha * gamma
-    out = torch.einsum("hij,jhc->ihc", alpha, v).reshape(N, H * C)
-    return conv.lin_out(out)
+from reference import dense_reference
 
 
 @pytest.mark.parametrize("decay,rotary", [(True, False), (False, False), (True, True)])
@@ -85,12 +63,6 @@ def test_empty_edge_set_and_bipartite():
     out, (_, alpha) = conv((x_src, x_dst), edge_index, return_attention_weights=True)
     assert out.shape == (3, 8) and alpha.shape == (3, 2)
     torch.testing.assert_close(alpha[2], torch.ones(2))
-
-
-def test_needs_positions_for_decay():
-    conv = MeshAttentionConv(8, 4)
-    with pytest.raises(ValueError, match="pos"):
-        conv(torch.randn(3, 8), torch.tensor([[0], [1]]))
 
 
 def test_gradients_reach_every_parameter():

@@ -53,19 +53,6 @@ def test_load_by_name_under_root_and_char_vocab(tmp_path):
     assert vocab.decode(ids) == text + ("" if text.endswith("\n") else "\n")
 
 
-def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_text_splits("wikitext-2", str(tmp_path / "nowhere"))
-    (tmp_path / "valid.txt").write_text("a b\n")
-    with pytest.raises(FileNotFoundError, match="train.txt"):
-        load_text_splits("wikitext-2", str(tmp_path))
-    (tmp_path / "train.txt").write_text("")
-    with pytest.raises(ValueError, match=r"train\.txt is empty"):
-        load_text_splits("wikitext-2", str(tmp_path))
-    with pytest.raises(ValueError, match="unknown hub corpus"):
-        load_text_splits("penn-treebank")
-
-
 @needs_wiki
 def test_word_vocab_counts(wiki_slice):
     _, train, _ = wiki_slice

@@ -5,29 +5,7 @@ import torch.nn.functional as F
 from tmt_pyg import DynamicMesh, tokens_to_batch
 from tmt_pyg.layers.mesh import topk_per_target
 
-
-def brute_force_mesh(x, lengths, k, causal):
-    """Reference: per sequence and target, sort candidates by cosine similarity in plain Python."""
-    u = F.normalize(x, dim=-1)
-    edges, start = set(), 0
-    for n in lengths:
-        for i in range(start, start + n):
-            cand = range(start, i) if causal else [j for j in range(start, start + n) if j != i]
-            best = sorted(cand, key=lambda j: -float(u[i] @ u[j]))[:k]
-            edges |= {(j, i) for j in best} | {(i, i)}
-        start += n
-    return edges
-
-
-def as_set(edge_index):
-    return set(map(tuple, edge_index.t().tolist()))
-
-
-def random_batch(lengths, dim=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(sum(lengths), dim, generator=g, dtype=torch.float64)
-    batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    return x, batch
+from reference import as_set, brute_force_mesh, random_batch
 
 
 @pytest.mark.parametrize("backend", ["dense", "cluster"])
@@ -96,27 +74,6 @@ def test_mesh_works_on_a_pyg_batch():
     x = torch.randn(batch.num_nodes, 8)
     edge_index, _ = DynamicMesh(2)(x, batch.batch)
     assert int(edge_index.max()) < 5
-
-
-@pytest.mark.parametrize("bad,err,match", [
-    (dict(k=0), ValueError, "graph_k"),
-    (dict(k=2, backend="nope"), ValueError, "backend"),
-])
-def test_constructor_errors(bad, err, match):
-    with pytest.raises(err, match=match):
-        DynamicMesh(**bad)
-
-
-def test_input_errors():
-    mesh = DynamicMesh(2)
-    with pytest.raises(ValueError, match="non-finite"):
-        mesh(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]))
-    with pytest.raises(ValueError, match="sorted"):
-        mesh(torch.randn(3, 4), torch.tensor([1, 0, 0]))
-    with pytest.raises(TypeError, match="floating"):
-        mesh(torch.ones(3, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="empty"):
-        mesh(torch.randn(0, 4))
 
 
 def test_exact_ties_go_to_the_most_recent_candidates():

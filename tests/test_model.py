@@ -93,32 +93,3 @@ def test_output_fields():
     assert edge_index.size(1) == sim.numel() and int(edge_index.max()) < N
     assert len(out.attentions) == 3 and out.attentions[0][1].shape == (out.attentions[0][0].size(1), 4)
     assert float(out.work_fraction) == 1.0 and out.flops > 0
-
-
-@pytest.mark.parametrize("field,value,match", [
-    ("d_model", 30, "divisible"), ("graph_k", 0, "graph_k"), ("exit_threshold", 1.5, "exit_threshold"),
-    ("mesh_backend", "gpu", "mesh_backend"), ("vocab_size", 0, "vocab_size"),
-])
-def test_config_errors(field, value, match):
-    with pytest.raises(ValueError, match=match):
-        TMTConfig(**{**SMALL, field: value})
-
-
-def test_input_errors():
-    model = make_model()
-    with pytest.raises(ValueError, match="out of range"):
-        model(torch.tensor([[1, 2, 50]]))
-    with pytest.raises(ValueError, match="negative"):
-        model(torch.tensor([[1, -2, 3]]))
-    with pytest.raises(TypeError, match="long"):
-        model(torch.tensor([[1.0, 2.0]]))
-    with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(ValueError, match="empty"):
-        model(torch.zeros(0, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="empty"):
-        model([])
-    with pytest.raises(ValueError, match="non-finite"):
-        with torch.no_grad():
-            model.wte.weight[3] = float("nan")
-        model(torch.tensor([[1, 3, 4]]))

@@ -107,6 +107,12 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         ``TMTModel``'s. Returns ``logits`` (B, S, V), or its last ``logits_to_keep`` columns."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.size(0) != input_ids.size(0)
+                                           or attention_mask.size(1) < input_ids.size(1)):
+            raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not cover input_ids "
+                             f"of shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         keep = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask[:, -input_ids.size(1):].bool())
         rows = [ids[k] for ids, k in zip(input_ids, keep)]

@@ -96,6 +96,9 @@ class MeshAttentionConv(MessagePassing):
         pos_src, pos_dst = pos if isinstance(pos, (tuple, list)) else (pos, pos)
         if (self.rotary or self.decay is not None) and (pos_src is None or pos_dst is None):
             raise ValueError("MeshAttentionConv with decay or rotary needs node positions `pos`")
+        for name, t in (("edge_index", edge_index), ("pos", pos_src), ("pos", pos_dst)):
+            if isinstance(t, Tensor) and t.device != x_dst.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x_dst.device}")
         key, value = self.project_key_value(x_src, pos_src)
         out, alpha = self.attend(self.project_query(x_dst, pos_dst), key, value, edge_index, (pos_src, pos_dst))
         if return_attention_weights:

@@ -16,13 +16,6 @@ def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def check_batch(batch: Tensor, num_nodes: int) -> None:
-    if batch.dtype != torch.long or batch.dim() != 1 or batch.numel() != num_nodes:
-        raise ValueError(f"batch must be a long vector of length {num_nodes}, got {batch.dtype} {tuple(batch.shape)}")
-    if num_nodes > 1 and bool((batch[1:] < batch[:-1]).any()):
-        raise ValueError("batch vector must be sorted (nodes of each graph contiguous, as in a PyG Batch)")
-
-
 def topk_per_target(src: Tensor, dst: Tensor, sim: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Keep, for every target in ``dst``, its ``k`` candidate edges of largest ``sim``."""
     order = sim.argsort(descending=True)
@@ -132,7 +125,7 @@ class DynamicMesh(torch.nn.Module):
     def __init__(self, k: int, causal: bool = True, backend: str = "auto", block_size: int = 256,
                  low_dim_threshold: int = 8):
         super().__init__()
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown mesh backend {backend!r}; choose one of {BACKENDS}")
@@ -151,11 +144,26 @@ class DynamicMesh(torch.nn.Module):
         N = x.size(0)
         if N == 0:
             raise ValueError("empty input: x has no nodes")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("non-finite node states (NaN or Inf) given to DynamicMesh")
         batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
-        check_batch(batch, N)
         query = torch.arange(N, device=x.device) if query_index is None else query_index
+        for name, index in (("batch", batch), ("query_index", query)):
+            if index.dtype != torch.long or index.dim() != 1:
+                raise TypeError(f"{name} must be a 1-D torch.long tensor, got {index.dtype} {tuple(index.shape)}")
+            if index.device != x.device:
+                raise ValueError(f"{name} is on {index.device} but x is on {x.device}")
+        if batch.numel() != N:
+            raise ValueError(f"batch has {batch.numel()} entries for {N} nodes")
+        non_finite, unsorted, bad_query = torch.stack([  # one host sync for all value checks
+            ~torch.isfinite(x).all(),
+            (batch[0] < 0) | (batch[1:] < batch[:-1]).any(),
+            (query[1:] <= query[:-1]).any() | ((query < 0) | (query >= N)).any(),
+        ]).tolist()
+        if non_finite:
+            raise ValueError("non-finite node states (NaN or Inf) given to DynamicMesh")
+        if unsorted:
+            raise ValueError("batch vector must be sorted and non-negative (nodes of each graph contiguous, as in a PyG Batch)")
+        if bad_query:
+            raise ValueError(f"query_index must hold strictly increasing node ids in [0, {N})")
         u = F.normalize(x.detach(), dim=-1)
         ptr = batch_to_ptr(batch)
         if self.resolve_backend(x.size(1)) == "dense":

@@ -39,18 +39,22 @@ class TMTConfig:
         def need(cond: bool, msg: str):
             if not cond:
                 raise ValueError(f"TMTConfig: {msg}")
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_stream_dim", "mlp_dim"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for f in fields(self):  # types first, so that the checks below compare numbers
+            value, allowed = getattr(self, f.name), (int, float) if f.type is float else f.type
+            if not isinstance(value, allowed) or (isinstance(value, bool) and f.type is not bool):
+                raise TypeError(f"TMTConfig: {f.name} must be {f.type.__name__}, got {value!r}")
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "graph_k", "max_seq_len", "ffn_stream_dim",
+                     "mlp_dim", "gate_sample"):
+            need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         need(not self.rope or (self.d_model // self.n_heads) % 2 == 0, "rope needs an even head width")
-        need(isinstance(self.graph_k, int) and self.graph_k >= 1, f"graph_k must be an integer >= 1, got {self.graph_k!r}")
         need(0.0 < self.exit_threshold <= 1.0, f"exit_threshold must lie in (0, 1], got {self.exit_threshold}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
         need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
         need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")
+        need(self.gate_loss_weight >= 0, f"gate_loss_weight must be >= 0, got {self.gate_loss_weight}")
         need(self.gate_loss in GATE_LOSSES, f"gate_loss must be one of {GATE_LOSSES}, got {self.gate_loss!r}")
         need(0.0 <= self.anchor_momentum < 1.0, f"anchor_momentum must lie in [0, 1), got {self.anchor_momentum}")
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn.dense.linear import Linear as PygLinear
 
-from ..data.batching import TokenInput, tokens_to_batch, _check_ids
+from ..data.batching import TokenInput, check_token_batch, pack_tokens
 from ..layers.anchors import MemoryAnchors
 from ..layers.attention import MeshAttentionConv
 from ..layers.dense_attention import dense_attention
@@ -128,18 +128,9 @@ class TMTModel(nn.Module):
         return self.ln_f(h) @ self.wte.weight.t()
 
     def _as_batch(self, tokens: Union[Batch, TokenInput]) -> Batch:
-        batch = tokens if isinstance(tokens, Batch) else tokens_to_batch(tokens)
-        for field in ("input_ids", "pos", "batch"):
-            if getattr(batch, field, None) is None:
-                raise ValueError(f"the Batch has no node field '{field}' (build it with tmt_pyg.tokens_to_batch)")
-        if batch.input_ids.numel() == 0:
-            raise ValueError("empty batch: no tokens")
-        _check_ids(batch.input_ids, self.config.vocab_size)
-        if int(batch.pos.max()) >= self.config.max_seq_len:
-            raise ValueError(f"sequence of length {int(batch.pos.max()) + 1} exceeds max_seq_len={self.config.max_seq_len}")
-        if batch.input_ids.device != self.wte.weight.device:
-            raise ValueError(f"input is on {batch.input_ids.device} but the model is on {self.wte.weight.device}")
-        return batch
+        data = tokens if isinstance(tokens, Batch) else pack_tokens(tokens)
+        check_token_batch(data, self.config.vocab_size, self.config.max_seq_len, self.wte.weight.device)
+        return data
 
     def forward(self, tokens: Union[Batch, TokenInput], compute_loss: bool = False,
                 return_attention_weights: bool = False, output_hidden_states: bool = False) -> TMTOutput:
@@ -197,6 +188,8 @@ class TMTModel(nn.Module):
                     exited[active_tokens] |= conf.detach() > cfg.exit_threshold
                 if sample is not None:
                     states.append(h[sample].detach())
+        if not bool(torch.isfinite(h[:N]).all()):  # NaN weights or an overflow: an error, not NaN logits
+            raise ValueError("non-finite hidden states (NaN or Inf) after the last layer")
         logits = self.lm_head(h[:N])
         L = cfg.n_layers
         exit_mask_t = torch.stack(exit_masks)
