@@ -1,4 +1,4 @@
-import json
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -11,14 +11,15 @@ from tmt_pyg.train import (Trainer, TrainConfig, evaluate, list_checkpoints, loa
                            save_checkpoint, seed_everything)
 
 
-def make_trainer(out_dir, steps=6, **overrides):
+def make_trainer(out_dir, steps=6, model_overrides=None, **overrides):
     """Tiny TMT (dropout on) on a corpus of 10 batches per epoch: 6 steps x 2 micro-batches cross an epoch."""
     train, val = associative_recall_corpus(1280, seed=0), associative_recall_corpus(512, seed=1)
-    cfg = TrainConfig(steps=steps, batch_size=4, seq_len=32, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup=2, eval_every=3,
-                      out_dir=str(out_dir), device="cpu", progress=False, **overrides)
+    cfg = dataclasses.replace(TrainConfig(steps=steps, batch_size=4, seq_len=32, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup=2,
+                                          eval_every=3, out_dir=str(out_dir), device="cpu", progress=False), **overrides)
     seed_everything(cfg.seed)
-    model = TMTModel(TMTConfig(vocab_size=train.vocab_size, d_model=32, n_heads=2, n_layers=2, graph_k=4,
-                               ffn_stream_dim=32, memory_anchors=4, max_seq_len=32, dropout=0.1))
+    model = TMTModel(dataclasses.replace(TMTConfig(vocab_size=train.vocab_size, d_model=32, n_heads=2, n_layers=2, graph_k=4,
+                                                   ffn_stream_dim=32, memory_anchors=4, max_seq_len=32, dropout=0.1),
+                                         **(model_overrides or {})))
     loaders = [SequenceLoader(c.tokens, 32, 4, shuffle=shuffle, seed=cfg.seed, drop_last=shuffle,
                               node_fields={"answer_mask": c.answer_mask}) for c, shuffle in ((train, True), (val, False))]
     return Trainer(model, *loaders, cfg, extra={"note": "test"})

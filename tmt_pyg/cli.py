@@ -23,6 +23,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 # ---------------------------------------------------------------------------------------------- arguments
 
+def number(kind: type, minimum, inclusive: bool = True):
+    """argparse type: a ``kind`` (int / float) ``>= minimum`` (``> minimum`` unless ``inclusive``)."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError reads "invalid int value: ..."
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def existing_dir(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return text
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from .layers.mesh import BACKENDS
     from .models.config import GATE_LOSSES, TMTConfig
@@ -66,7 +83,7 @@ def add_data_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DEFAULT_TOKENIZER), default="synthetic" if defaults else None,
                    help="corpus: 'synthetic' is embedded (no download); 'text' reads --data-dir/{train,valid,test}.txt")
-    g.add_argument("--data-dir", dest="data_dir", default=None,
+    g.add_argument("--data-dir", dest="data_dir", type=existing_dir, default=None,
                    help="folder with train.txt / valid.txt / test.txt (offline); without it WikiText comes from the HF hub")
     if defaults:
         g.add_argument("--tokenizer", default="auto",
@@ -81,19 +98,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     g = p.add_argument_group("training (TrainConfig)")
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    g.add_argument("--seq-len", dest="seq_len", type=int, default=d.seq_len, help="tokens per sequence")
-    g.add_argument("--grad-accum", dest="grad_accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--min-lr", dest="min_lr", type=float, default=d.min_lr, help="final learning rate of the cosine decay")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
-    g.add_argument("--grad-clip", dest="grad_clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    g.add_argument("--eval-every", dest="eval_every", type=int, default=d.eval_every, help="steps between evaluations")
-    g.add_argument("--eval-batches", dest="eval_batches", type=int, default=d.eval_batches, help="validation batches per evaluation (0: all)")
-    g.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=d.ckpt_every, help="steps between checkpoints (0: at each evaluation)")
-    g.add_argument("--keep-last", dest="keep_last", type=int, default=d.keep_last, help="checkpoints kept")
+    count, size = number(int, 0), number(int, 1)
+    g.add_argument("--steps", type=size, default=d.steps, help="optimizer steps")
+    g.add_argument("--batch-size", dest="batch_size", type=size, default=d.batch_size, help="sequences per micro-batch (per rank)")
+    g.add_argument("--seq-len", dest="seq_len", type=number(int, 2), default=d.seq_len, help="tokens per sequence")
+    g.add_argument("--grad-accum", dest="grad_accum", type=size, default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=number(float, 0, inclusive=False), default=d.lr, help="peak learning rate")
+    g.add_argument("--min-lr", dest="min_lr", type=number(float, 0), default=d.min_lr, help="final learning rate of the cosine decay")
+    g.add_argument("--warmup", type=count, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--weight-decay", dest="weight_decay", type=number(float, 0), default=d.weight_decay, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", dest="grad_clip", type=number(float, 0), default=d.grad_clip, help="max gradient norm (0: off)")
+    g.add_argument("--eval-every", dest="eval_every", type=count, default=d.eval_every, help="steps between evaluations")
+    g.add_argument("--eval-batches", dest="eval_batches", type=count, default=d.eval_batches, help="validation batches per evaluation (0: all)")
+    g.add_argument("--ckpt-every", dest="ckpt_every", type=count, default=d.ckpt_every, help="steps between checkpoints (0: at each evaluation)")
+    g.add_argument("--keep-last", dest="keep_last", type=size, default=d.keep_last, help="checkpoints kept")
+    g.add_argument("--on-nonfinite", dest="on_nonfinite", choices=("stop", "skip"), default=d.on_nonfinite,
+                   help="a NaN/Inf loss or gradient: stop with an error (checkpoints stay finite) or skip the update")
     g.add_argument("--out", dest="out_dir", default=d.out_dir, help="run folder: metrics.jsonl, metrics.png, checkpoints/")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from a checkpoint file or run folder (bare --resume: the newest in --out, if any)")
@@ -104,10 +124,13 @@ def load_config_file(path: str) -> dict:
     """Flat option values from YAML or JSON; sections ``model:`` / ``train:`` / ``data:`` are flattened."""
     text = Path(path).read_text()
     if path.endswith(".json"):
-        values = json.loads(text)
+        values = json.loads(text)  # a JSONDecodeError is a ValueError
     else:
         import yaml
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"invalid YAML: {e}") from e
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
     flat = {}
@@ -129,8 +152,14 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list, args: argpars
     if unknown:
         sub.error(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
     for key, value in values.items():
-        if actions[key].choices is not None and value not in actions[key].choices:
-            sub.error(f"{key}={value!r} in {args.config}: choose from {list(actions[key].choices)}")
+        action = actions[key]
+        if action.choices is not None and value not in action.choices:
+            sub.error(f"{key}={value!r} in {args.config}: choose from {list(action.choices)}")
+        try:  # the checks the flag's own type makes (argparse applies it to string defaults only)
+            if action.type is not None and value is not None:
+                action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            sub.error(f"{key}={value!r} in {args.config}: {e}")
     sub.set_defaults(**values)
     return parser.parse_args(argv)
 
@@ -223,7 +252,7 @@ def model_config(args: argparse.Namespace, vocab_size: int, seq_len: int):
         values.update(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
     try:
         return TMTConfig(**values)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         args.subparser.error(str(e))
 
 
@@ -246,33 +275,47 @@ def load_model(path: str, device: str):
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Under torchrun every rank trains on its own shard of the data; rank 0 prints, logs and checkpoints."""
     from .models import TMTConfig, TMTModel
-    from .train import Trainer, TrainConfig, find_checkpoint, load_checkpoint, seed_everything
+    from .train import (Trainer, TrainConfig, TrainingInterrupted, distributed, find_checkpoint, load_checkpoint,
+                        main_process_first, resolve_device, seed_everything)
 
     set_threads(args.threads)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
-    seed_everything(cfg.seed)
-    ckpt = None
-    if args.resume:
-        ckpt = find_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume)
-        if ckpt is None and args.resume != "latest":
-            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there")
-    state = load_checkpoint(ckpt) if ckpt else None
-    tok, data = load_data(args.dataset, args.data_dir, ("train", "validation"),
-                          tokenizer_from_state(state["extra"]["tokenizer"]) if state else None,
-                          args.tokenizer, args.bpe_vocab_size, args.synthetic_tokens, cache_dir=cfg.out_dir)
-    mcfg = TMTConfig(**state["model_config"]) if state else model_config(args, len(tok), cfg.seq_len)
-    model = TMTModel(mcfg)
-    extra = checkpoint_extra(tok, args.dataset, args.data_dir, args.synthetic_tokens)
-    trainer = Trainer(model, make_loader(*data["train"], cfg, True), make_loader(*data["validation"], cfg, False), cfg, extra)
-    if ckpt:
-        trainer.resume(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}")
-    print(f"model: {model.num_parameters():,} parameters | vocab {len(tok):,} | train {data['train'][0].numel():,} tokens "
-          f"| device {trainer.device} | {torch.get_num_threads()} CPU threads")
-    result = trainer.fit()
-    print(f"final validation {summary(result)}")
-    print(f"run folder: {cfg.out_dir} (metrics.jsonl, metrics.png, checkpoints/)")
+    with distributed(resolve_device(args.device)) as (rank, world_size, device):
+        say = print if rank == 0 else (lambda *_: None)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        cfg = TrainConfig(**{**values, "rank": rank, "world_size": world_size, "device": str(device)})
+        seed_everything(cfg.seed)
+        ckpt = None
+        if args.resume:
+            ckpt = find_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume)
+            if ckpt is None and args.resume != "latest":
+                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there")
+        state = load_checkpoint(ckpt) if ckpt else None
+        with main_process_first():  # one download / tokenizer training; the other ranks then read the caches
+            tok, data = load_data(args.dataset, args.data_dir, ("train", "validation"),
+                                  tokenizer_from_state(state["extra"]["tokenizer"]) if state else None,
+                                  args.tokenizer, args.bpe_vocab_size, args.synthetic_tokens, cache_dir=cfg.out_dir)
+        mcfg = model_config(args, len(tok), cfg.seq_len)
+        if state:  # the saved architecture, except options set away from their defaults: resume() reports a mismatch
+            given = {k: v for k, v in dataclasses.asdict(mcfg).items()
+                     if v != getattr(TMTConfig, k) and (k != "max_seq_len" or args.max_seq_len)}
+            mcfg = TMTConfig(**{**state["model_config"], **given})
+        model = TMTModel(mcfg)
+        extra = checkpoint_extra(tok, args.dataset, args.data_dir, args.synthetic_tokens)
+        trainer = Trainer(model, make_loader(*data["train"], cfg, True), make_loader(*data["validation"], cfg, False), cfg, extra)
+        if ckpt:
+            trainer.resume(ckpt)
+            say(f"resumed from {ckpt} at step {trainer.step}")
+        say(f"model: {model.num_parameters():,} parameters | vocab {len(tok):,} | train {data['train'][0].numel():,} tokens "
+            f"| device {trainer.device} x {world_size} rank(s) | {torch.get_num_threads()} CPU threads")
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted as e:  # checkpointed: exit as the signal would have (128 + signum)
+            print(f"tmt-pyg train: {e}", file=sys.stderr)
+            return 128 + e.signum
+        say(f"final validation {summary(result)}")
+        say(f"run folder: {cfg.out_dir} (metrics.jsonl, metrics.png, checkpoints/)")
     return 0
 
 
@@ -434,13 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("train", "train a model; prints the final validation perplexity",
             "Train a TMT language model. Writes metrics.jsonl, metrics.png and checkpoints/ (atomic,\n"
             "keep-last-N, exact resume) into --out. Values from --config (YAML or JSON, keys = option\n"
-            "names, optionally under model:/train:/data:) are defaults that command-line flags override.",
+            "names, optionally under model:/train:/data:) are defaults that command-line flags override.\n"
+            "SIGINT / SIGTERM finish the current step, write a checkpoint and exit with 130 / 143.",
             "  tmt-pyg train --steps 300 --d-model 128 --n-layers 2 --out runs/syn\n"
             "  tmt-pyg train --dataset wikitext-2 --data-dir data/ --seq-len 256 --bf16\n"
             "  tmt-pyg train --dataset text --data-dir my_corpus/ --tokenizer bpe --bpe-vocab-size 4096\n"
             "  tmt-pyg train --vanilla --out runs/vanilla          # the same model, every TMT part off\n"
             "  tmt-pyg train --config run.yaml --lr 1e-3           # file values, one overridden\n"
-            "  tmt-pyg train --out runs/syn --resume               # continue the newest checkpoint")
+            "  tmt-pyg train --out runs/syn --resume               # continue the newest checkpoint\n"
+            "  torchrun --nproc_per_node 4 -m tmt_pyg.cli train --out runs/ddp   # DDP, one process per GPU (docs/distributed.md)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of option values")
     add_data_args(p)
     add_model_args(p)
@@ -526,7 +571,7 @@ def main(argv: Optional[list] = None) -> int:
         args = apply_config_file(parser, argv, args)
     try:
         return args.run(args)
-    except (OSError, ValueError) as e:  # missing files, no network, bad data: a message, not a traceback
+    except (OSError, ValueError, FloatingPointError) as e:  # missing files, no network, bad data, divergence
         print(f"tmt-pyg {args.command}: error: {e}", file=sys.stderr)
         return 1
 

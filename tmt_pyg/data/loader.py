@@ -8,6 +8,13 @@ from torch_geometric.data import Batch
 from .batching import tokens_to_batch
 
 
+def check_stream(stream: Tensor) -> None:
+    if not isinstance(stream, Tensor) or stream.dim() != 1 or stream.dtype != torch.long:
+        raise TypeError("stream must be a 1-D torch.long tensor of token ids")
+    if stream.numel() == 0:
+        raise ValueError("empty stream: no tokens")
+
+
 class SequenceLoader:
     """Iterate non-overlapping windows ``stream[i*seq_len:(i+1)*seq_len]`` as ``Batch`` objects.
 
@@ -21,8 +28,7 @@ class SequenceLoader:
     def __init__(self, stream: Tensor, seq_len: int, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1,
                  node_fields: Optional[dict[str, Tensor]] = None):
-        if not isinstance(stream, Tensor) or stream.dim() != 1 or stream.dtype != torch.long:
-            raise TypeError("stream must be a 1-D torch.long tensor of token ids")
+        check_stream(stream)
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
         if not 0 <= rank < world_size:
@@ -79,6 +85,9 @@ def variable_length_batches(stream: Tensor, eos_id: int, batch_size: int,
                             max_len: Optional[int] = None) -> Iterator[Batch]:
     """Yield ragged batches of ``batch_size`` consecutive sequences, each ending at an ``eos_id`` token
     (the tail of the stream ends wherever it ends); sequences longer than ``max_len`` are cut into pieces."""
+    check_stream(stream)
+    if batch_size < 1 or (max_len is not None and max_len < 1):
+        raise ValueError(f"batch_size ({batch_size}) and max_len ({max_len}) must be positive")
     ends = (stream == eos_id).nonzero().squeeze(1) + 1
     bounds = torch.cat([ends.new_zeros(1), ends, ends.new_full((1,), stream.numel())]).unique_consecutive()
     seqs = list(stream.split(bounds.diff().tolist()))

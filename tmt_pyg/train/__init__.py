@@ -1,9 +1,12 @@
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import distributed, main_process_first
 from .plots import plot_metrics, read_metrics
-from .trainer import Trainer, TrainConfig, autocast, evaluate, lr_at, resolve_device, seed_everything
+from .trainer import (Trainer, TrainConfig, TrainingInterrupted, autocast, evaluate, lr_at, resolve_device,
+                      seed_everything)
 
 __all__ = [
-    "Trainer", "TrainConfig", "evaluate", "lr_at", "seed_everything", "resolve_device", "autocast",
+    "Trainer", "TrainConfig", "TrainingInterrupted", "evaluate", "lr_at", "seed_everything", "resolve_device", "autocast",
+    "distributed", "main_process_first",
     "save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
     "plot_metrics", "read_metrics",
 ]

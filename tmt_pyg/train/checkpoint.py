@@ -1,5 +1,6 @@
 """Atomic checkpoints with keep-last-N, and the RNG states an exact resume needs."""
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -69,8 +70,13 @@ def find_checkpoint(path: PathLike) -> Optional[Path]:
 
 
 def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint (file, checkpoint dir or run dir) with ``torch.load(weights_only=True)``."""
+    """Load a checkpoint (file, checkpoint dir or run dir) with ``torch.load(weights_only=True)``;
+    unreadable contents raise a ValueError naming the file."""
     file = find_checkpoint(path)
     if file is None:
         raise FileNotFoundError(f"no checkpoint found at {path} (expected a .pt file or a directory with step_*.pt)")
-    return torch.load(file, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # what torch.load raises on bad bytes
+        raise ValueError(f"checkpoint {file} is corrupted or truncated (or not a tmt-pyg checkpoint): "
+                         f"{type(e).__name__}: {e}") from e

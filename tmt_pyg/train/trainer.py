@@ -1,19 +1,23 @@
-"""Training loop: AdamW, warmup + cosine LR, grad accumulation, bf16 autocast, eval, exact resume."""
+"""Training loop: AdamW, warmup + cosine LR, grad accumulation, bf16 autocast, eval, exact resume, DDP."""
 import contextlib
 import dataclasses
 import json
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import all_reduce, wrap_ddp
 from .plots import plot_metrics, read_metrics
 
 
@@ -39,8 +43,28 @@ class TrainConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = False         # bfloat16 autocast (CPU and CUDA)
     progress: bool = True      # tqdm progress bar
+    on_nonfinite: str = "stop"  # NaN/Inf loss, gradient or buffer: "stop" (raise) | "skip" (drop the update)
     rank: int = 0              # process rank; only rank 0 logs and writes checkpoints
-    world_size: int = 1
+    world_size: int = 1        # processes in the torch.distributed group (> 1: DistributedDataParallel)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.grad_accum < 1 or self.keep_last < 1:
+            raise ValueError(f"TrainConfig: steps, batch_size, grad_accum, keep_last must be >= 1 and seq_len >= 2: {self}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"TrainConfig: on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"TrainConfig: rank {self.rank} out of range for world_size {self.world_size}")
+
+
+class TrainingInterrupted(Exception):
+    """Raised by :meth:`Trainer.fit` after SIGINT / SIGTERM, once the current step is done and checkpointed."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, checkpoint "
+                         f"{checkpoint or 'written by rank 0'}; continue with --resume")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,11 +95,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool = False, max_batches: int = 0) -> dict:
+def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool = False, max_batches: int = 0,
+             distributed: bool = False) -> dict:
     """Token-weighted mean next-token loss and PPL over ``loader``, plus exit rate and work fraction.
 
     When batches carry a boolean node field ``answer_mask``, ``recall_acc`` is the fraction of
-    answer tokens that the previous row's argmax predicts; otherwise it is None.
+    answer tokens that the previous row's argmax predicts; otherwise it is None. With
+    ``distributed``, every rank passes its own shard and the counts are summed over the ranks.
     """
     device = torch.device(device)
     was_training = model.training
@@ -102,6 +128,11 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
         work_sum += float(out.work_fraction)
         n_batches += 1
     model.train(was_training)
+    if distributed:
+        totals = torch.tensor([loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches],
+                              dtype=torch.float64, device=device)
+        loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches = all_reduce(totals).tolist()
+        n_targets, hits, n_answers = int(n_targets), int(hits), int(n_answers)
     if n_targets == 0:
         raise ValueError("evaluation loader produced no next-token targets (empty or too-short sequences)")
     loss = loss_sum / n_targets
@@ -115,50 +146,80 @@ class Trainer:
     ``train_loader`` must offer ``state_dict``/``load_state_dict`` (exact mid-epoch resume); ``extra``
     is stored in every checkpoint (e.g. the data and tokenizer spec). Only rank 0 writes
     ``out_dir/metrics.jsonl``, ``out_dir/metrics.png`` and ``out_dir/checkpoints/``.
+    With ``cfg.world_size > 1`` (an initialised process group, each rank's loaders its own shard) the
+    steps run through DistributedDataParallel (``self.ddp``); ``self.model`` stays the raw module.
     """
 
     def __init__(self, model, train_loader, val_loader=None, cfg: Optional[TrainConfig] = None, extra: Optional[dict] = None):
         self.cfg = cfg = cfg or TrainConfig()
-        assert cfg.lr > 0 and cfg.grad_accum >= 1 and cfg.steps >= 1, f"bad TrainConfig: {cfg}"
         if len(train_loader) == 0:
             raise ValueError("train loader is empty: the corpus is shorter than one batch (lower --batch-size or --seq-len)")
+        if getattr(train_loader, "world_size", cfg.world_size) != cfg.world_size:
+            raise ValueError(f"the train loader is sharded for {train_loader.world_size} rank(s) but world_size={cfg.world_size}")
         self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        self.model = self.ddp = model.to(self.device)
+        if cfg.world_size > 1:
+            if not dist.is_initialized() or dist.get_world_size() != cfg.world_size:
+                raise RuntimeError(f"world_size={cfg.world_size} needs a torch.distributed process group of that size "
+                                   "(run under torchrun)")
+            self.ddp = wrap_ddp(self.model)  # also broadcasts rank 0's weights and buffers
+            seed_everything(cfg.seed + cfg.rank)  # dropout and sampling differ between ranks
         self.train_loader, self.val_loader, self.extra = train_loader, val_loader, extra or {}
         self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
-        self.step = 0
+        self.step = self.skipped = self.signal = 0
         self.is_main = cfg.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.last_eval: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "loader": self.train_loader.state_dict(), "rng": rng_state(),
-                "model_config": dataclasses.asdict(self.model.config), "train_config": dataclasses.asdict(self.cfg),
-                "extra": self.extra}
+        """Everything an exact resume needs; under DDP every rank calls it (it gathers each rank's RNG state)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "step": self.step, "skipped": self.skipped,
+                 "loader": self.train_loader.state_dict(), "rng": rng_state(),
+                 "model_config": dataclasses.asdict(self.model.config), "train_config": dataclasses.asdict(self.cfg),
+                 "extra": self.extra}
+        if self.cfg.world_size > 1:
+            state["rng_per_rank"] = [None] * self.cfg.world_size
+            dist.all_gather_object(state["rng_per_rank"], state["rng"])
+        return state
 
     def save(self) -> Optional[Path]:
-        if not self.is_main:
-            return None
-        return save_checkpoint(self.state_dict(), self.out_dir / "checkpoints", self.step, self.cfg.keep_last)
+        """Checkpoint the current step (under DDP every rank calls it, rank 0 writes); refuses non-finite
+        weights or buffers."""
+        bad = [name for name, t in self.model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:
+            raise FloatingPointError(f"no checkpoint written at step {self.step}: non-finite values in {', '.join(bad[:4])}")
+        state = self.state_dict()
+        return save_checkpoint(state, self.out_dir / "checkpoints", self.step, self.cfg.keep_last) if self.is_main else None
 
     def resume(self, path: Union[str, Path, bool] = True) -> bool:
-        """Restore everything from a checkpoint (True: the newest in ``out_dir``); False if there is none."""
+        """Restore everything from a checkpoint (True: the newest in ``out_dir``); False if there is none.
+
+        Under DDP every rank loads the same file; each takes back its own RNG state when the world size
+        is unchanged (the loader position is the same on every rank).
+        """
         file = find_checkpoint(self.out_dir if path is True else path)
         if file is None:
             if path is True:
                 return False
             raise FileNotFoundError(f"no checkpoint found at {path}")
         state = load_checkpoint(file, map_location=self.device)
+        missing = {"model", "optimizer", "scheduler", "step", "loader", "rng", "model_config"} - set(state)
+        if missing:
+            raise ValueError(f"{file} is not a training checkpoint (no {', '.join(sorted(missing))})")
+        saved, mine = state["model_config"], dataclasses.asdict(self.model.config)
+        diff = [f"{k}={saved[k]!r} there, {mine.get(k)!r} here" for k in sorted(saved) if saved[k] != mine.get(k)]
+        if diff:
+            raise ValueError(f"checkpoint {file} is from another model config: {'; '.join(diff)}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_loader.load_state_dict(state["loader"])
-        self.step = state["step"]
-        set_rng_state(state["rng"])
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        per_rank = state.get("rng_per_rank", [])
+        set_rng_state(per_rank[self.cfg.rank] if len(per_rank) == self.cfg.world_size else state["rng"])
         if self.is_main and self.metrics_path.exists():  # drop records written after this checkpoint
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -175,61 +236,108 @@ class Trainer:
             yield from self.train_loader
 
     def train_step(self, batches: Iterator) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean metrics."""
+        """One optimizer step over ``grad_accum`` micro-batches per rank; returns the step's metrics,
+        averaged over micro-batches and ranks. A non-finite loss, gradient or buffer stops training
+        or skips the update (``cfg.on_nonfinite``)."""
         cfg, model = self.cfg, self.model
         model.train()
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
+        buffers = [b.clone() for b in model.buffers()]  # the anchor EMA runs in forward: put back if the step is skipped
         sums, tokens = 0.0, 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             batch = next(batches).to(self.device)
-            with autocast(self.device, cfg.bf16):
-                out = model(batch, compute_loss=True)
-            (out.loss / cfg.grad_accum).backward()
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last or self.ddp is model else self.ddp.no_sync():  # one all-reduce per step
+                with autocast(self.device, cfg.bf16):
+                    out = self.ddp(batch, compute_loss=True)
+                (out.loss / cfg.grad_accum).backward()
             sums = sums + torch.stack([out.loss, out.lm_loss, out.exit_rate, out.work_fraction]).detach().float()
             tokens += batch.num_nodes
-        loss, lm_loss, exit_rate, work = (sums / cfg.grad_accum).tolist()  # one device sync per step
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        means = all_reduce(sums / cfg.grad_accum) / cfg.world_size  # a NaN on any rank reaches every rank
+        checks = [grad_norm.float()] + [b.isfinite().all().float() for b in model.buffers() if b.is_floating_point()]
+        loss, lm_loss, exit_rate, work, grad_norm, *buffers_finite = torch.cat([means, torch.stack(checks)]).tolist()
+        if math.isfinite(loss) and math.isfinite(grad_norm) and all(buffers_finite):
+            self.optimizer.step()
+        elif cfg.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradients at step {self.step + 1} (loss {loss}, grad norm {grad_norm}, buffers "
+                f"{'finite' if all(buffers_finite) else 'non-finite'}): stopped before the update; the checkpoints in "
+                f"{self.out_dir / 'checkpoints'} hold finite weights (lower the lr, or skip such steps: on_nonfinite='skip', "
+                "--on-nonfinite skip)")
+        else:
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+            self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        return {"split": "train", "step": self.step, "loss": loss, "lm_loss": lm_loss, "lr": lr,
-                "grad_norm": float(grad_norm), "exit_rate": exit_rate, "work_fraction": work,
+        return {"split": "train", "step": self.step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm,
+                "exit_rate": exit_rate, "work_fraction": work, "skipped": self.skipped,
                 "tokens": tokens * cfg.world_size, "tok_per_s": tokens * cfg.world_size / dt}
 
     def evaluate(self) -> dict:
-        result = evaluate(self.model, self.val_loader, self.device, self.cfg.bf16, self.cfg.eval_batches)
+        result = evaluate(self.model, self.val_loader, self.device, self.cfg.bf16, self.cfg.eval_batches, self.cfg.world_size > 1)
         self.last_eval = result
         self.log({"split": "val", "step": self.step, **result})
         return result
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT / SIGTERM only record themselves in ``self.signal``; :meth:`fit` acts at the end of the step."""
+        self.signal = 0
+        if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
+            yield
+            return
+
+        def record(signum, frame):
+            self.signal = self.signal or signum
+
+        previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_signal(self) -> int:
+        """The signal that asks to stop (0: none); under DDP the ranks agree on it."""
+        if self.cfg.world_size == 1:
+            return self.signal
+        return int(all_reduce(torch.tensor([self.signal], device=self.device), dist.ReduceOp.MAX))
+
     def fit(self, stop_at: Optional[int] = None) -> Optional[dict]:
-        """Train until ``cfg.steps`` (or ``stop_at``, checkpointing there); returns the last evaluation."""
+        """Train until ``cfg.steps`` (or ``stop_at``, checkpointing there); returns the last evaluation.
+
+        SIGINT or SIGTERM ends the current step, checkpoints it and raises :class:`TrainingInterrupted`.
+        """
         cfg = self.cfg
         stop_at = min(stop_at or cfg.steps, cfg.steps)
         batches = self._batches()
         eval_every = cfg.eval_every or cfg.steps
         ckpt_every = cfg.ckpt_every or eval_every
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   dynamic_ncols=True, desc="train")
-        while self.step < stop_at:
-            rec = self.train_step(batches)
-            self.log(rec)
-            postfix = {"loss": f"{rec['loss']:.3f}", "ppl": f"{math.exp(min(rec['lm_loss'], 50)):.1f}",
-                       "exit": f"{rec['exit_rate']:.2f}", "tok/s": f"{rec['tok_per_s']:.0f}"}
-            if self.val_loader is not None and (self.step % eval_every == 0 or self.step == cfg.steps):
-                self.evaluate()
-                if self.is_main:
-                    plot_metrics(self.metrics_path)
-            if self.last_eval is not None:  # exits act in eval mode: the val exit rate is the one to watch
-                postfix.update(val_ppl=f"{self.last_eval['ppl']:.1f}", val_exit=f"{self.last_eval['exit_rate']:.2f}")
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if self.step % ckpt_every == 0 or self.step in (stop_at, cfg.steps):
-                self.save()
-        bar.close()
+        with self._stop_on_signals(), tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                                           dynamic_ncols=True, desc="train") as bar:
+            while self.step < stop_at:
+                rec = self.train_step(batches)
+                self.log(rec)
+                postfix = {"loss": f"{rec['loss']:.3f}", "ppl": f"{math.exp(min(rec['lm_loss'], 50)):.1f}",
+                           "exit": f"{rec['exit_rate']:.2f}", "tok/s": f"{rec['tok_per_s']:.0f}"}
+                if self.val_loader is not None and (self.step % eval_every == 0 or self.step == cfg.steps):
+                    self.evaluate()
+                    if self.is_main:
+                        plot_metrics(self.metrics_path)
+                if self.last_eval is not None:  # exits act in eval mode: the val exit rate is the one to watch
+                    postfix.update(val_ppl=f"{self.last_eval['ppl']:.1f}", val_exit=f"{self.last_eval['exit_rate']:.2f}")
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                signum = self._stop_signal()
+                if signum or self.step % ckpt_every == 0 or self.step in (stop_at, cfg.steps):
+                    path = self.save()
+                if signum:
+                    raise TrainingInterrupted(signum, self.step, path)
         if self.last_eval is None and self.val_loader is not None:
             self.evaluate()
         if self.is_main and self.metrics_path.exists():
