@@ -109,20 +109,22 @@ class MeshAttentionConv(MessagePassing):
                pos: Tuple[OptTensor, OptTensor]) -> Tuple[Tensor, Tensor]:
         """Attention from projected ``query`` (N_dst, H, C) over ``key``/``value`` (N_src, H, C),
         e.g. cached ones during generation. Returns the output (N_dst, width) and alpha (E, H)."""
-        out = self.propagate(edge_index, query=query, key=key, value=value, t=pos,
-                             size=(key.size(0), query.size(0)))
+        width = self.heads * self.out_channels  # 2-D rows: gathering (N, H*C) is ~3x faster than (N, H, C) on CPU
+        out = self.propagate(edge_index, query=query.reshape(-1, width), key=key.reshape(-1, width),
+                             value=value.reshape(-1, width), t=pos, size=(key.size(0), query.size(0)))
         alpha, self._alpha = self._alpha, None
-        return self.combine_heads(out), alpha
+        return self.combine_heads(out.view(-1, self.heads, self.out_channels)), alpha
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, t_i: OptTensor, t_j: OptTensor,
                 index: Tensor, ptr: OptTensor, size_i: Optional[int]) -> Tensor:
+        query_i, key_j, value_j = (t.view(-1, self.heads, self.out_channels) for t in (query_i, key_j, value_j))
         alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)  # (E, H)
         alpha = softmax(alpha, index, ptr, size_i)
         if self.decay is not None:
             alpha = alpha * self.decay(t_i, t_j)
         self._alpha = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
-        return value_j * alpha.unsqueeze(-1)  # (E, H, C)
+        return (value_j * alpha.unsqueeze(-1)).view(-1, self.heads * self.out_channels)  # (E, H*C)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, "
