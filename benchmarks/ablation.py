@@ -15,12 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tmt_pyg import TMTConfig, count_parameters, match_parameters
+from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 from tmt_pyg.data import SequenceLoader
-from tmt_pyg.train import TrainConfig, evaluate
+from tmt_pyg.train import TrainConfig, evaluate, load_checkpoint
 
 from .common import base_parser, finish, markdown_table, new_figure, setup
-from .wikitext import DEFAULT_DATA, describe, load_wikitext, train_lm
+from .wikitext import DEFAULT_DATA, describe, eval_at_threshold, load_wikitext, train_lm
 
 NAME = "ablation"
 OFF = dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
@@ -46,7 +46,7 @@ def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfi
     return {row: match_parameters(TMTConfig(**{**base, **OFF, **switches}), target) for row, switches in ROWS.items()}
 
 
-def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Path) -> Dict:
+def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Path, test: SequenceLoader) -> Dict:
     """Train one row with one seed (or read its cached result); test metrics at the config's threshold."""
     cache = runs_dir / f"{row}_seed{seed}.json"
     if cache.exists():
@@ -55,11 +55,20 @@ def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Pa
                         warmup=max(1, args.steps // 20), eval_every=0, out_dir=str(runs_dir / f"{row}_seed{seed}"),
                         seed=seed, device="cpu", progress=not args.quick)
     run = train_lm(cfg, data, train, args.val_tokens)
-    test = SequenceLoader(data["test"][:args.test_tokens or None], args.seq_len, args.batch_size,
-                          shuffle=False, drop_last=False)
     result = {"row": row, "seed": seed, "params": run["model"].num_parameters(), **describe(cfg, train),
               "train_seconds": run["train_seconds"], "train_tokens": run["tokens"], "val": run["val"],
               "test": evaluate(run["model"], test)}
+    cache.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def add_exits_off(result: Dict, cfg: TMTConfig, runs_dir: Path, test: SequenceLoader) -> Dict:
+    """Test metrics of an exit row's trained model with its exits switched off (what the skipping
+    costs), from the run's last checkpoint; stored in the cached result."""
+    cache = runs_dir / f"{result['row']}_seed{result['seed']}.json"
+    model = TMTModel(cfg)
+    model.load_state_dict(load_checkpoint(runs_dir / f"{result['row']}_seed{result['seed']}")["model"])
+    result["test_exits_off"] = eval_at_threshold(model, test, None)
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -75,6 +84,8 @@ def summarise(results: List[Dict]) -> Dict[str, Dict]:
         rows[row] = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "test_ppl": statistics.mean(ppl),
                      "test_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else None, "test_ppls": ppl,
                      "val_ppl": statistics.mean(r["val"]["ppl"] for r in mine),
+                     "test_ppl_exits_off": (statistics.mean(r["test_exits_off"]["ppl"] for r in mine)
+                                            if all("test_exits_off" in r for r in mine) else None),
                      "work_fraction": statistics.mean(r["test"]["work_fraction"] for r in mine),
                      "exit_rate": statistics.mean(r["test"]["exit_rate"] for r in mine),
                      "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
@@ -116,23 +127,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args.runs.mkdir(parents=True, exist_ok=True)
     data = load_wikitext(args.data_dir)
     cfgs = row_configs(size, len(data["vocab"]), args.seq_len)
+    test = SequenceLoader(data["test"][:args.test_tokens or None], args.seq_len, args.batch_size, shuffle=False, drop_last=False)
     if not args.table_only:
         for seed in args.seeds:  # every row's first seed before the repeats
             for row in args.rows:
                 if seed == args.seeds[0] or row in MULTI_SEED:
-                    run_once(row, cfgs[row], seed, data, args, args.runs)
+                    run_once(row, cfgs[row], seed, data, args, args.runs, test)
     results = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json"))]
     budget = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
     results = [r for r in results if r["model"] == json.loads(json.dumps(asdict(cfgs[r["row"]])))
                and all(r["train"][k] == v for k, v in budget.items())]  # runs of another setup are ignored
+    results = [r if "test_exits_off" in r or not cfgs[r["row"]].use_exit else add_exits_off(r, cfgs[r["row"]], args.runs, test)
+               for r in results]
     rows = summarise(results)
     effect = interaction(rows)
 
     def ppl(row):
         r = rows[row]
         return f"{r['test_ppl']:.1f} ± {r['test_ppl_std']:.1f}" if r["test_ppl_std"] is not None else f"{r['test_ppl']:.1f}"
-    table = [(row, CLAIMED.get(row, "—"), ppl(row), r["val_ppl"], f"{r['params']:,}", len(r["seeds"]),
-              r["work_fraction"], r["exit_rate"], r["train_seconds"] / 60) for row, r in rows.items()]
+    table = [(row, CLAIMED.get(row, "—"), ppl(row), r["test_ppl_exits_off"] or "—", r["val_ppl"], f"{r['params']:,}",
+              len(r["seeds"]), r["work_fraction"], r["exit_rate"], r["train_seconds"] / 60) for row, r in rows.items()]
     tokens = args.steps * args.batch_size * args.seq_len
     report = [f"Model: d={size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads, k={size['graph_k']}, "
               f"S={args.seq_len}, vocab {len(data['vocab']):,} (word level, tied LM head); every row trained on "
@@ -140,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               f"dropout 0.1. Test PPL over {'the whole test split' if not args.test_tokens else f'{args.test_tokens:,} test tokens'} "
               f"(non-overlapping {args.seq_len}-token windows), exits at tau = {cfgs['full'].exit_threshold}. "
               f"Seeds {args.seeds} for {' and '.join(MULTI_SEED)} (mean ± std), {args.seeds[0]} for the rest.",
-              markdown_table(["row", "claimed PPL", "test PPL", "val PPL", "params", "seeds", "work fraction",
+              markdown_table(["row", "claimed PPL", "test PPL", "test PPL, exits off", "val PPL", "params", "seeds", "work fraction",
                               "exit rate", "train min/run"], table)]
     if effect:
         report.append(f"Interaction (full gain − sum of single gains, gains = vanilla PPL − row PPL): "

@@ -94,6 +94,9 @@ def test_ablation(tmp_path):
     assert max(params) / min(params) < 1.02, "ablation rows must have matched parameter counts"
     assert len(rows["vanilla"]["seeds"]) == len(rows["full"]["seeds"]) == 2 and len(rows["mesh"]["seeds"]) == 1
     assert all(finite_positive(r["test_ppl"], r["val_ppl"], r["work_fraction"]) for r in rows.values())
+    exit_rows = {row for row, switches in ablation.ROWS.items() if switches.get("use_exit")}
+    assert all(finite_positive(rows[row]["test_ppl_exits_off"]) for row in exit_rows)
+    assert all(rows[row]["test_ppl_exits_off"] is None for row in set(rows) - exit_rows)
     effect = result["interaction"]
     assert effect["interaction"] == pytest.approx(effect["full_gain"] - effect["sum_of_single_gains"])
     cached = sorted(p.name for p in (tmp_path / "ablation_runs").glob("*.json"))
