@@ -8,10 +8,11 @@ TMT's parameter count with ``match_parameters``. Each finished run is cached as 
 
     python -m benchmarks.ablation --threads 2            # all rows (about 2.5 h on 2 CPU cores)
     python -m benchmarks.ablation --quick                # tiny, seconds
+    python -m benchmarks.ablation --gate-detach --runs runs/ablation_detached --out docs/results/ablation_detached
 """
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -116,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--val-tokens", type=int, default=16_384, help="validation tokens evaluated after training")
     parser.add_argument("--test-tokens", type=int, default=0, help="test tokens evaluated (0: the whole test split)")
+    parser.add_argument("--gate-detach", action="store_true",
+                        help="exit rows with gate_detach=True (their gate objective does not train the trunk)")
     parser.add_argument("--table-only", action="store_true", help="table the cached runs, train nothing")
     args = parser.parse_args(argv)
     info = setup(args)
@@ -127,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args.runs.mkdir(parents=True, exist_ok=True)
     data = load_wikitext(args.data_dir)
     cfgs = row_configs(size, len(data["vocab"]), args.seq_len)
+    if args.gate_detach:  # rows without exits have no gate: unchanged
+        cfgs = {row: replace(cfg, gate_detach=cfg.use_exit) for row, cfg in cfgs.items()}
     test = SequenceLoader(data["test"][:args.test_tokens or None], args.seq_len, args.batch_size, shuffle=False, drop_last=False)
     if not args.table_only:
         for seed in args.seeds:  # every row's first seed before the repeats

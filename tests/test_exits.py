@@ -84,3 +84,15 @@ def test_gate_objectives():
     low = consistency_loss(torch.tensor([0.9, 0.1, 0.9]), same, other)
     high = consistency_loss(torch.tensor([0.1, 0.9, 0.1]), same, other)
     assert float(low) < float(high)
+
+
+@pytest.mark.parametrize("gate_loss", ["consistency", "decisiveness"])
+def test_gate_detach_keeps_the_gate_objective_out_of_the_trunk(gate_loss):
+    """gate_detach: the gate objective's gradient reaches the gates and nothing else."""
+    for detach in (False, True):
+        model = make_model(gate_loss=gate_loss, gate_detach=detach)
+        model(torch.randint(0, 50, (2, 24)), compute_loss=True).gate_loss.backward()
+        reached = {name for name, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        assert reached, "the gate objective must train something"
+        in_trunk = {name for name in reached if "exit_gate" not in name}
+        assert (not in_trunk) if detach else in_trunk, sorted(in_trunk)

@@ -66,6 +66,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit", dest="use_exit", action=bool_flag, default=d.use_exit, help="per-token exit gates")
     g.add_argument("--anchors", dest="use_anchors", action=bool_flag, default=d.use_anchors, help="memory anchors")
     g.add_argument("--dual-stream", dest="dual_stream", action=bool_flag, default=d.dual_stream, help="dual-stream FFN (--no-dual-stream: plain MLP)")
+    g.add_argument("--gate-detach", dest="gate_detach", action=bool_flag, default=d.gate_detach,
+                   help="gates read detached states, so their loss does not train the trunk")
     g.add_argument("--rope", action=bool_flag, default=d.rope, help="rotary positions (--no-rope: learned absolute positions)")
     g.add_argument("--vanilla", action="store_true", help="plain transformer: same as --no-mesh --no-decay --no-exit --no-anchors --no-dual-stream")
 

@@ -32,6 +32,7 @@ class TMTConfig:
     gate_loss: str = "consistency"  # exit-gate objective: "consistency" | "decisiveness" | "none"
     gate_loss_weight: float = 0.1  # weight of the gate objective in the total loss
     gate_sample: int = 512  # tokens per batch scored by the consistency objective
+    gate_detach: bool = False  # gates read detached states: their objective trains the gates only, not the trunk
     exit_in_training: bool = False  # also freeze exited tokens in training mode
     anchor_momentum: float = 0.99  # EMA momentum beta of the anchor state
 

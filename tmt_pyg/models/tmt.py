@@ -180,7 +180,8 @@ class TMTModel(nn.Module):
             if return_attention_weights and edge_index is not None:
                 attentions.append((edge_global, alpha))
             if block.exit_gate is not None:
-                conf = block.exit_gate(h_active[:active_tokens.numel()])
+                gate_in = h_active[:active_tokens.numel()]
+                conf = block.exit_gate(gate_in.detach() if cfg.gate_detach else gate_in)
                 conf_all = torch.full((N,), float("nan"), device=dev, dtype=conf.dtype).index_put((active_tokens,), conf)
                 confidences.append(conf_all)
                 if freeze:
