@@ -10,10 +10,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from tmt_pyg.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -107,16 +109,6 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
             runs[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"median_ms": statistics.median(r), "min_ms": min(r), "max_ms": max(r), "runs_ms": r}
             for name, r in runs.items()}
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
-    def cell(value):
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def check_finite(obj, path: str = "result") -> None:

@@ -23,6 +23,7 @@ from torch_geometric.nn import GATConv, GCNConv
 from torch_geometric.utils import coalesce, stochastic_blockmodel_graph
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv
+from tmt_pyg.report import markdown_table
 
 
 def make_sbm(classes: int, per_class: int, p_in: float, p_out: float, channels: int, signal: float,
@@ -148,10 +149,8 @@ def main(argv=None) -> Dict[str, Dict]:
     print(f"\nSBM: {args.classes} classes x {args.per_class} nodes, mean degree {degree:.1f}, "
           f"p_in/p_out = {args.p_in}/{args.p_out}, {args.channels}-d features (signal {args.signal}); "
           f"hidden {args.hidden}, {args.epochs} epochs, {args.seeds} seed(s), {torch.get_num_threads()} threads")
-    print(f"| {'model':<36} | {'test acc (mean ± std)':>21} | {'time / run':>10} |")
-    print(f"|{'-' * 38}|{'-' * 23}|{'-' * 12}|")
-    for name, r in results.items():
-        print(f"| {name:<36} | {r['test_acc']:>13.3f} ± {r['test_acc_std']:.3f} | {r['time']:>9.1f}s |")
+    print(markdown_table(["model", "test acc (mean ± std)", "time / run"],
+                         [(name, f"{r['test_acc']:.3f} ± {r['test_acc_std']:.3f}", f"{r['time']:.1f}s") for name, r in results.items()]))
     return results
 
 

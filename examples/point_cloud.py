@@ -27,6 +27,7 @@ from torch_geometric.loader import DataLoader
 from torch_geometric.nn import MLP, EdgeConv, global_max_pool, global_mean_pool
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv
+from tmt_pyg.report import markdown_table
 
 with warnings.catch_warnings():  # PyG 2.8 deprecates its torch-cluster route; we call torch-cluster directly
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -209,10 +210,9 @@ def main(argv=None) -> Dict[str, Dict]:
 
     print(f"\n{source}; train {len(train_set)} / test {len(test_set)}, {args.epochs} epochs, k={args.k}, "
           f"{torch.get_num_threads()} threads")
-    print(f"| {'model':<20} | {'params':>7} | {'train acc':>9} | {'test acc':>8} | {'train time':>10} |")
-    print(f"|{'-' * 22}|{'-' * 9}|{'-' * 11}|{'-' * 10}|{'-' * 12}|")
-    for name, r in results.items():
-        print(f"| {name:<20} | {r['params']:>7,} | {r['train_acc']:>9.3f} | {r['test_acc']:>8.3f} | {r['train_time']:>9.1f}s |")
+    print(markdown_table(["model", "params", "train acc", "test acc", "train time"],
+                         [(name, f"{r['params']:,}", f"{r['train_acc']:.3f}", f"{r['test_acc']:.3f}", f"{r['train_time']:.1f}s")
+                          for name, r in results.items()]))
     return results
 
 
