@@ -47,13 +47,19 @@ def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfi
     return {row: match_parameters(TMTConfig(**{**base, **OFF, **switches}), target) for row, switches in ROWS.items()}
 
 
+def run_dir(runs_dir: Path, row: str, seed: int) -> Path:
+    """Folder of one run (checkpoints, metrics); its result is cached next to it as ``<folder>.json``."""
+    return runs_dir / f"{row}_seed{seed}"
+
+
 def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Path, test: SequenceLoader) -> Dict:
     """Train one row with one seed (or read its cached result); test metrics at the config's threshold."""
-    cache = runs_dir / f"{row}_seed{seed}.json"
+    folder = run_dir(runs_dir, row, seed)
+    cache = folder.with_suffix(".json")
     if cache.exists():
         return json.loads(cache.read_text())
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                        warmup=max(1, args.steps // 20), eval_every=0, out_dir=str(runs_dir / f"{row}_seed{seed}"),
+                        warmup=max(1, args.steps // 20), eval_every=0, out_dir=str(folder),
                         seed=seed, device="cpu", progress=not args.quick)
     run = train_lm(cfg, data, train, args.val_tokens)
     result = {"row": row, "seed": seed, "params": run["model"].num_parameters(), **describe(cfg, train),
@@ -66,11 +72,11 @@ def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Pa
 def add_exits_off(result: Dict, cfg: TMTConfig, runs_dir: Path, test: SequenceLoader) -> Dict:
     """Test metrics of an exit row's trained model with its exits switched off (what the skipping
     costs), from the run's last checkpoint; stored in the cached result."""
-    cache = runs_dir / f"{result['row']}_seed{result['seed']}.json"
+    folder = run_dir(runs_dir, result["row"], result["seed"])
     model = TMTModel(cfg)
-    model.load_state_dict(load_checkpoint(runs_dir / f"{result['row']}_seed{result['seed']}")["model"])
+    model.load_state_dict(load_checkpoint(folder)["model"])
     result["test_exits_off"] = eval_at_threshold(model, test, None)
-    cache.write_text(json.dumps(result, indent=1) + "\n")
+    folder.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
