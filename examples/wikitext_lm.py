@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 
 from tmt_pyg import TMTConfig, TMTModel
-from tmt_pyg.data import SequenceLoader, WordVocab, load_text_splits
+from tmt_pyg.data.corpus import load_data, make_loader
 from tmt_pyg.train import TrainConfig, Trainer, evaluate
 
 
@@ -30,20 +30,18 @@ def main(argv=None) -> Dict:
     if args.quick:
         size, args.steps, args.seq_len, args.batch_size = dict(d_model=32, n_heads=2, n_layers=2, ffn_stream_dim=32), 4, 32, 4
 
-    splits = load_text_splits("wikitext-2", args.data_dir)
-    vocab = WordVocab.build(splits["train"])  # 33,278 words incl. <eos>
-    train, valid, test = (vocab.encode(splits[s]) for s in ("train", "validation", "test"))
-    if args.quick:
-        valid, test = valid[:2048], test[:2048]
-    loader = SequenceLoader(train, args.seq_len, args.batch_size, seed=0)
-    val_loader, test_loader = (SequenceLoader(s, args.seq_len, args.batch_size, shuffle=False, drop_last=False)
-                               for s in (valid, test))
-
-    model = TMTModel(TMTConfig(vocab_size=len(vocab), max_seq_len=args.seq_len, graph_k=8, **size))
-    print(f"TMT with {model.num_parameters():,} parameters; {len(train):,} training tokens, vocabulary {len(vocab):,}")
     cfg = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=2e-3,
                       warmup=max(1, args.steps // 20), eval_every=max(1, args.steps // 3), out_dir=args.out,
                       progress=not args.quick)
+    vocab, data = load_data("wikitext-2", args.data_dir, ("train", "validation", "test"))  # 33,278 words incl. <eos>
+    (train, _), (valid, _), (test, _) = (data[s] for s in ("train", "validation", "test"))
+    if args.quick:
+        valid, test = valid[:2048], test[:2048]
+    loader = make_loader(train, None, cfg, train=True)
+    val_loader, test_loader = (make_loader(s, None, cfg, train=False) for s in (valid, test))
+
+    model = TMTModel(TMTConfig(vocab_size=len(vocab), max_seq_len=args.seq_len, graph_k=8, **size))
+    print(f"TMT with {model.num_parameters():,} parameters; {len(train):,} training tokens, vocabulary {len(vocab):,}")
     Trainer(model, loader, val_loader, cfg=cfg).fit()
 
     result = evaluate(model, test_loader)

@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 import torch_cluster
+from torch_geometric import EdgeIndex
+from torch_geometric.explain import AttentionExplainer, Explainer
 from torch_geometric.nn import Sequential
 from torch_geometric.nn.aggr import MaxAggregation
+from torch_geometric.utils import coalesce, k_hop_subgraph, to_torch_coo_tensor, to_torch_csr_tensor
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv, TMTConfig, TMTModel, tokens_to_batch
 
@@ -157,3 +160,63 @@ def test_reprs():
         "  (4) - MeshAttentionConv(16, 8, heads=2, decay=False, rotary=False): h, edge_index -> h\n"
         "  (5) - MaxAggregation(): h, batch -> out\n"
         ")")
+
+
+def coalesced_graph(num_nodes: int = 12, num_edges: int = 50):
+    """Random coalesced edge set (sorted by source, no duplicates) with every node a target."""
+    ring = torch.arange(num_nodes)
+    edge_index = torch.cat([torch.randint(0, num_nodes, (2, num_edges)), torch.stack([ring.roll(1), ring])], dim=1)
+    return coalesce(edge_index, num_nodes=num_nodes)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_edge_index_and_sparse_inputs_equal_plain_call(decay):
+    """``torch_geometric.EdgeIndex`` (sorted by source or by target) and a ``torch.sparse`` adj_t give
+    the plain edge_index result; attention weights come in the order of the edges given."""
+    N = 12
+    edge_index = coalesced_graph(N)
+    x, pos = torch.randn(N, 16), torch.randperm(N)
+    conv = MeshAttentionConv(16, 4, heads=2, decay=decay, max_seq_len=N).eval()
+    ref, (_, alpha) = conv(x, edge_index, pos, return_attention_weights=True)
+    by_target = (edge_index[1] * N + edge_index[0]).argsort()  # order of the edges sorted by (target, source)
+
+    out, (_, alpha_row) = conv(x, EdgeIndex(edge_index, sparse_size=(N, N), sort_order="row"), pos,
+                               return_attention_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alpha_row, alpha, atol=1e-6, rtol=1e-5)
+
+    sorted_index, perm = EdgeIndex(edge_index, sparse_size=(N, N)).sort_by("col")
+    assert sorted_index.is_sorted_by_col and (edge_index[1, perm].diff() >= 0).all()
+    out, (returned, alpha_col) = conv(x, sorted_index, pos, return_attention_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.as_tensor(returned), edge_index[:, perm])
+    torch.testing.assert_close(alpha_col, alpha[perm], atol=1e-6, rtol=1e-5)
+
+    for adj_t in (to_torch_csr_tensor(edge_index.flip(0), size=(N, N)), to_torch_coo_tensor(edge_index.flip(0), size=(N, N))):
+        out, (_, alpha_sparse) = conv(x, adj_t, pos, return_attention_weights=True)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(alpha_sparse, alpha[by_target], atol=1e-6, rtol=1e-5)  # CSR order: by target
+
+
+def test_attention_explainer():
+    """PyG's AttentionExplainer reads the weights of every MeshAttentionConv: its edge mask is the
+    maximum over heads and layers of the attention weights, on the edges of the explained node's
+    receptive field."""
+    N = 12
+    edge_index = coalesced_graph(N)
+    model = Sequential("x, edge_index", [
+        (MeshAttentionConv(16, 4, heads=2, decay=False), "x, edge_index -> h"),
+        torch.nn.ReLU(),
+        (MeshAttentionConv(8, 3, heads=3, decay=False, concat=False), "h, edge_index -> out"),
+    ]).eval()
+    x = torch.randn(N, 16)
+    explainer = Explainer(model, algorithm=AttentionExplainer(), explanation_type="model", edge_mask_type="object",
+                          model_config=dict(mode="multiclass_classification", task_level="node", return_type="raw"))
+    explanation = explainer(x, edge_index, index=3)
+    _, (_, alpha1) = model[0](x, edge_index, return_attention_weights=True)
+    _, (_, alpha2) = model[2](model[1](model[0](x, edge_index)), edge_index, return_attention_weights=True)
+    _, _, _, receptive = k_hop_subgraph(3, 2, edge_index, num_nodes=N)  # edges that can reach node 3 in 2 layers
+    expected = torch.maximum(alpha1.max(dim=1).values, alpha2.max(dim=1).values) * receptive
+    assert explanation.edge_mask.shape == (edge_index.size(1),) and 0 < receptive.sum() < edge_index.size(1)
+    torch.testing.assert_close(explanation.edge_mask, expected)
+    assert explanation.edge_mask.max() <= 1 and (explanation.edge_mask[receptive] > 0).all()

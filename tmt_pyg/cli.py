@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-SYNTHETIC_SEEDS = {"train": 0, "validation": 1, "test": 2}  # fixed streams, independent of the training seed
-DEFAULT_TOKENIZER = {"synthetic": "word", "wikitext-2": "word", "wikitext-2-raw-v1": "bpe", "tinyshakespeare": "char",
-                     "text": "bpe"}
+from .data.corpus import DEFAULT_TOKENIZER, checkpoint_extra, load_data, make_loader, tokenizer_from_state
+
+TENSORBOARD_IN_OUT = "<out>/tensorboard"  # what a bare --tensorboard means, resolved once --out is known
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -120,6 +120,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from a checkpoint file or run folder (bare --resume: the newest in --out, if any)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    g.add_argument("--tensorboard", dest="tensorboard_dir", nargs="?", const=TENSORBOARD_IN_OUT, default=None, metavar="DIR",
+                   help="also log the metrics to TensorBoard event files in DIR (bare --tensorboard: <--out>/tensorboard); "
+                        "needs pip install 'tmt_pyg[tensorboard]'")
 
 
 def load_config_file(path: str) -> dict:
@@ -166,82 +169,12 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list, args: argpars
     return parser.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-def tokenizer_state(tok) -> dict:
-    """A checkpoint-friendly description of a WordVocab / CharVocab / HFTokenizer."""
-    from .data import WordVocab
-
-    if isinstance(tok, WordVocab):
-        return {"kind": type(tok).__name__, "itos": tok.itos, "eos": tok.eos, "unk": tok.unk}
-    fast = tok.tokenizer
-    if not getattr(fast, "is_fast", False):
-        raise ValueError("only fast (tokenizers-backed) HF tokenizers can be stored in a checkpoint")
-    return {"kind": "HFTokenizer", "json": fast.backend_tokenizer.to_str(), "special": fast.special_tokens_map}
-
-
-def tokenizer_from_state(state: dict):
-    from .data import CharVocab, HFTokenizer, WordVocab
-
-    if state["kind"] in ("WordVocab", "CharVocab"):
-        cls = WordVocab if state["kind"] == "WordVocab" else CharVocab
-        return cls(state["itos"], state["eos"], state["unk"])
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"]))
-
-
-def load_data(dataset: str, data_dir: Optional[str], splits: tuple, tok=None, tokenizer: str = "auto",
-              bpe_vocab_size: int = 8192, synthetic_tokens: int = 400_000, cache_dir: str = "runs"):
-    """Returns ``(tokenizer, {split: (stream, node_fields)})``; builds the tokenizer on the training text unless given.
-
-    The synthetic corpus has no line ends: its query marker ``<q>`` stands in as the vocabulary's ``eos``.
-    """
-    from .data import CharVocab, WordVocab, associative_recall_corpus, load_or_train_bpe, load_text_splits
-
-    if dataset == "synthetic":
-        out = {}
-        for split in splits:
-            c = associative_recall_corpus(synthetic_tokens if split == "train" else max(synthetic_tokens // 8, 8192),
-                                          seed=SYNTHETIC_SEEDS[split])
-            out[split] = (c.tokens, {"answer_mask": c.answer_mask})
-        return tok or WordVocab(c.itos, eos="<q>", unk=None), out
-    lines = load_text_splits(dataset, data_dir)
-    if "validation" not in lines:  # carve 5% off the end of train.txt
-        cut = len(lines["train"]) * 19 // 20
-        lines["train"], lines["validation"] = lines["train"][:cut], lines["train"][cut:]
-    for split in splits:
-        if split not in lines:
-            raise FileNotFoundError(f"dataset {dataset!r} has no {split!r} split (have: {sorted(lines)})")
-    if tok is None:
-        kind = DEFAULT_TOKENIZER[dataset] if tokenizer == "auto" else tokenizer
-        if kind == "word":
-            tok = WordVocab.build(lines["train"])
-        elif kind == "char":
-            tok = CharVocab.build(lines["train"])
-        else:
-            tok = load_or_train_bpe(lines["train"], bpe_vocab_size, Path(cache_dir) / "tokenizers",
-                                    name_or_path=None if kind == "bpe" else kind)
-    return tok, {split: (tok.encode(lines[split]), None) for split in splits}
-
-
-def checkpoint_extra(tok, dataset: str, data_dir: Optional[str], synthetic_tokens: int) -> dict:
-    """What eval / generate need besides the weights: the data spec and the tokenizer itself."""
-    return {"data": {"dataset": dataset, "data_dir": data_dir, "synthetic_tokens": synthetic_tokens},
-            "tokenizer": tokenizer_state(tok)}
-
+# ---------------------------------------------------------------------------------------------- helpers
 
 def summary(result: dict) -> str:
     recall = "n/a" if result["recall_acc"] is None else f"{result['recall_acc']:.3f}"
     return (f"PPL {result['ppl']:.2f} | recall accuracy {recall} | exit rate {result['exit_rate']:.3f} "
             f"| work fraction {result['work_fraction']:.3f}")
-
-
-def make_loader(stream, node_fields, cfg, train: bool):
-    from .data import SequenceLoader
-
-    return SequenceLoader(stream, cfg.seq_len, cfg.batch_size, shuffle=train, seed=cfg.seed, drop_last=train,
-                          rank=cfg.rank, world_size=cfg.world_size, node_fields=node_fields)
 
 
 def model_config(args: argparse.Namespace, vocab_size: int, seq_len: int):
@@ -571,9 +504,11 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         args = apply_config_file(parser, argv, args)
+    if getattr(args, "tensorboard_dir", None) == TENSORBOARD_IN_OUT:
+        args.tensorboard_dir = str(Path(args.out_dir) / "tensorboard")
     try:
         return args.run(args)
-    except (OSError, ValueError, FloatingPointError) as e:  # missing files, no network, bad data, divergence
+    except (OSError, ValueError, FloatingPointError, ImportError) as e:  # missing files or extras, no network, bad data, divergence
         print(f"tmt-pyg {args.command}: error: {e}", file=sys.stderr)
         return 1
 

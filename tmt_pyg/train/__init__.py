@@ -1,6 +1,7 @@
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .distributed import distributed, main_process_first
 from .plots import plot_metrics, read_metrics
+from .tensorboard import TensorBoardLogger, make_tensorboard_logger
 from .trainer import (Trainer, TrainConfig, TrainingInterrupted, autocast, evaluate, lr_at, resolve_device,
                       seed_everything)
 
@@ -8,5 +9,5 @@ __all__ = [
     "Trainer", "TrainConfig", "TrainingInterrupted", "evaluate", "lr_at", "seed_everything", "resolve_device", "autocast",
     "distributed", "main_process_first",
     "save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
-    "plot_metrics", "read_metrics",
+    "plot_metrics", "read_metrics", "TensorBoardLogger", "make_tensorboard_logger",
 ]

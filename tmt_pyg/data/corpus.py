@@ -1,0 +1,80 @@
+"""Corpora by name, their tokenizers and loaders: what the CLI, the examples and checkpoints share."""
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from .loader import SequenceLoader
+from .synthetic import associative_recall_corpus
+from .text import CharVocab, WordVocab, load_text_splits
+from .tokenizer import HFTokenizer, load_or_train_bpe
+
+SYNTHETIC_SEEDS = {"train": 0, "validation": 1, "test": 2}  # fixed streams, independent of the training seed
+DEFAULT_TOKENIZER = {"synthetic": "word", "wikitext-2": "word", "wikitext-2-raw-v1": "bpe", "tinyshakespeare": "char",
+                     "text": "bpe"}
+
+
+def tokenizer_state(tok) -> dict:
+    """A checkpoint-friendly description of a WordVocab / CharVocab / HFTokenizer."""
+    if isinstance(tok, WordVocab):
+        return {"kind": type(tok).__name__, "itos": tok.itos, "eos": tok.eos, "unk": tok.unk}
+    fast = tok.tokenizer
+    if not getattr(fast, "is_fast", False):
+        raise ValueError("only fast (tokenizers-backed) HF tokenizers can be stored in a checkpoint")
+    return {"kind": "HFTokenizer", "json": fast.backend_tokenizer.to_str(), "special": fast.special_tokens_map}
+
+
+def tokenizer_from_state(state: dict):
+    """The tokenizer that :func:`tokenizer_state` described."""
+    if state["kind"] in ("WordVocab", "CharVocab"):
+        cls = WordVocab if state["kind"] == "WordVocab" else CharVocab
+        return cls(state["itos"], state["eos"], state["unk"])
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"]))
+
+
+def load_data(dataset: str, data_dir: Optional[str], splits: tuple, tok=None, tokenizer: str = "auto",
+              bpe_vocab_size: int = 8192, synthetic_tokens: int = 400_000, cache_dir: str = "runs") -> Tuple[object, Dict]:
+    """Returns ``(tokenizer, {split: (stream, node_fields)})``; builds the tokenizer on the training text unless given.
+
+    ``dataset`` is a key of :data:`DEFAULT_TOKENIZER`; ``tokenizer`` is ``auto`` (that default), ``word``,
+    ``char``, ``bpe`` or the path of a local HF tokenizer. The synthetic corpus has no line ends: its
+    query marker ``<q>`` stands in as the vocabulary's ``eos``.
+    """
+    if dataset == "synthetic":
+        out = {}
+        for split in splits:
+            c = associative_recall_corpus(synthetic_tokens if split == "train" else max(synthetic_tokens // 8, 8192),
+                                          seed=SYNTHETIC_SEEDS[split])
+            out[split] = (c.tokens, {"answer_mask": c.answer_mask})
+        return tok or WordVocab(c.itos, eos="<q>", unk=None), out
+    lines = load_text_splits(dataset, data_dir)
+    if "validation" not in lines:  # carve 5% off the end of train.txt
+        cut = len(lines["train"]) * 19 // 20
+        lines["train"], lines["validation"] = lines["train"][:cut], lines["train"][cut:]
+    for split in splits:
+        if split not in lines:
+            raise FileNotFoundError(f"dataset {dataset!r} has no {split!r} split (have: {sorted(lines)})")
+    if tok is None:
+        kind = DEFAULT_TOKENIZER[dataset] if tokenizer == "auto" else tokenizer
+        if kind == "word":
+            tok = WordVocab.build(lines["train"])
+        elif kind == "char":
+            tok = CharVocab.build(lines["train"])
+        else:
+            tok = load_or_train_bpe(lines["train"], bpe_vocab_size, Path(cache_dir) / "tokenizers",
+                                    name_or_path=None if kind == "bpe" else kind)
+    return tok, {split: (tok.encode(lines[split]), None) for split in splits}
+
+
+def checkpoint_extra(tok, dataset: str, data_dir: Optional[str], synthetic_tokens: int) -> dict:
+    """What eval / generate need besides the weights: the data spec and the tokenizer itself."""
+    return {"data": {"dataset": dataset, "data_dir": data_dir, "synthetic_tokens": synthetic_tokens},
+            "tokenizer": tokenizer_state(tok)}
+
+
+def make_loader(stream, node_fields, cfg, train: bool) -> SequenceLoader:
+    """Loader over a token stream sized by a :class:`~tmt_pyg.train.TrainConfig` (``seq_len``,
+    ``batch_size``, ``seed``, ``rank``, ``world_size``): shuffled, full batches only for training;
+    in order, every token for evaluation."""
+    return SequenceLoader(stream, cfg.seq_len, cfg.batch_size, shuffle=train, seed=cfg.seed, drop_last=train,
+                          rank=cfg.rank, world_size=cfg.world_size, node_fields=node_fields)
