@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tmt_pyg.data import (CharVocab, SequenceLoader, WordVocab, associative_recall_corpus, load_or_train_bpe,
-                          load_text_splits, variable_length_batches)
+from tmt_pyg.data import (CharVocab, SequenceLoader, WordVocab, associative_recall_corpus, dataset_root,
+                          load_or_train_bpe, load_text_splits, variable_length_batches)
 from tmt_pyg.data import tokenizer as tokenizer_module
 
 DATA = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -239,3 +239,16 @@ def test_variable_length_batches():
     assert torch.equal(batches[1].pos, torch.tensor([0, 0, 1, 2, 3, 4]))
     cut = list(variable_length_batches(stream, eos_id=0, batch_size=10, max_len=2))
     assert cut[0].ptr.diff().tolist() == [2, 1, 2, 1, 2, 2, 1]
+
+
+def test_dataset_root_copies_read_only_data_once(tmp_path):
+    shared, cache = tmp_path / "shared", tmp_path / "cache"
+    (shared / "planetoid" / "Cora" / "raw").mkdir(parents=True)
+    (shared / "planetoid" / "Cora" / "raw" / "ind.cora.x").write_text("raw")
+    root = dataset_root("planetoid", shared, cache)
+    assert root == cache / "planetoid" and (root / "Cora" / "raw" / "ind.cora.x").read_text() == "raw"
+    (root / "Cora" / "processed").mkdir()  # what PyG writes stays; the copy is not redone
+    assert dataset_root("planetoid", shared, cache) == root and (root / "Cora" / "processed").is_dir()
+    assert [p.name for p in cache.iterdir()] == ["planetoid"]  # no staging folder left behind
+    missing = dataset_root("geometric_shapes", shared, cache)  # no local copy: PyG downloads into this folder
+    assert missing == cache / "geometric_shapes" and not missing.exists()

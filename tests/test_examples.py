@@ -15,13 +15,24 @@ def load(path: Path):
     return module
 
 
-@pytest.mark.parametrize("name", ["point_cloud", "node_classification"])
-def test_example_quick(name):
-    results = load(ROOT / "examples" / f"{name}.py").main(["--quick"])
+@pytest.mark.parametrize("name, argv", [
+    ("point_cloud", ["--dataset", "geometric_shapes"]),
+    ("point_cloud", ["--dataset", "generated"]),
+    ("node_classification", ["--dataset", "cora"]),
+    ("node_classification", ["--dataset", "sbm", "--models", "mesh", "gcn"]),
+])
+def test_example_quick(name, argv, data_dir, tmp_path):
+    """Real datasets come from the shared raw files, copied into a fresh cache (as a user's first run)."""
+    results = load(ROOT / "examples" / f"{name}.py").main(
+        ["--quick", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path)] + argv)
     assert len(results) >= 2  # TMT and at least one baseline, side by side
     for model, metrics in results.items():
         accuracy = metrics.get("test_acc", metrics.get("acc"))
         assert accuracy is not None and 0.0 <= accuracy <= 1.0, (model, metrics)
+    if "geometric_shapes" in argv or "cora" in argv:
+        assert list(tmp_path.glob("*/**/processed/*.pt")), "PyG processed the copied raw files in the cache"
+    if "cora" in argv:
+        assert len(results) == 5 and 0 < results["MeshAttentionConv (graph ∪ 8-NN mesh of class scores)"]["mesh_share"] < 1
 
 
 def test_wikitext_lm_quick(data_dir, tmp_path):

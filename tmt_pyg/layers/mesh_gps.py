@@ -28,9 +28,10 @@ class MeshGPSConv(torch.nn.Module):
         \quad \mathbf{out} = \mathrm{norm}_3(\mathbf{h} + \mathrm{MLP}(\mathbf{h}))
 
     Every node attends to its ``k`` most cosine-similar nodes of its own graph (and itself), so the
-    attention holds ``N * (k + 1)`` weights instead of ``sum_g N_g^2``. The mesh search itself is exact:
-    the dense backend scores a block of nodes against its whole graph at a time (memory
-    ``O(block_size * N_g)``), torch-cluster's KD-tree serves low-dimensional states.
+    attention holds ``N * (k + 1)`` weights instead of ``sum_g N_g^2``: its time and memory are linear
+    in the nodes. The exact kNN search is not linear in time: the dense backend scores a block of
+    nodes against its whole graph at a time (``O(N_g^2 d)`` time without backward, memory
+    ``O(block_size * N_g)``); torch-cluster's KD-tree serves low-dimensional states.
 
     Args:
         channels (int): size of each node state (input = output).

@@ -1,0 +1,158 @@
+"""GPS layers on growing graphs: PyG's GPSConv (dense multi-head attention over all node pairs)
+against MeshGPSConv (attention over the k-NN mesh of the node states): time of one training step
+(forward + backward) and its peak memory, each measurement in a fresh process.
+
+    python -m benchmarks.gps_scaling --threads 1
+    python -m benchmarks.gps_scaling --quick
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks.common import base_parser, finish, markdown_table, new_figure, setup, time_interleaved
+
+NAME = "gps_scaling"
+MODELS = ("GPSConv (dense)", "MeshGPSConv")
+GiB = 2 ** 30
+
+
+def random_graph(num_nodes: int, degree: int, channels: int, seed: int):
+    """Node features (N, channels) and an undirected random graph with about ``degree`` edges per node."""
+    from torch_geometric.utils import coalesce, to_undirected
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, num_nodes, (2, num_nodes * degree // 2), generator=g)
+    edge_index = coalesce(to_undirected(edge_index, num_nodes=num_nodes), num_nodes=num_nodes)
+    return torch.randn(num_nodes, channels, generator=g), edge_index
+
+
+def build(model: str, channels: int, heads: int, k: int) -> torch.nn.Module:
+    from torch_geometric.nn import GCNConv, GPSConv
+
+    from tmt_pyg import MeshGPSConv
+    if model == MODELS[0]:
+        return GPSConv(channels, GCNConv(channels, channels), heads=heads, attn_type="multihead")
+    return MeshGPSConv(channels, GCNConv(channels, channels), heads=heads, k=k)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure_here(model: str, num_nodes: int, args) -> Dict:
+    """One model on one graph size, in this process: median step time (ms) and peak memory above
+    the memory held before the graph and the layer existed (ru_maxrss is this process's high-water mark)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    before = rss_bytes()
+    x, edge_index = random_graph(num_nodes, args.degree, args.channels, args.seed)
+    layer = build(model, args.channels, args.heads, args.k)
+    x.requires_grad_()
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x, edge_index).square().mean().backward()
+
+    timing = time_interleaved({model: step}, args.repeats, args.warmup)[model]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"model": model, "nodes": num_nodes, "edges": edge_index.size(1), "step_ms": timing["median_ms"],
+            "peak_gib": (peak - before) / GiB}
+
+
+def measure(model: str, num_nodes: int, args) -> Dict:
+    """:func:`measure_here` in a fresh process, so that each peak is its own."""
+    command = [sys.executable, "-m", "benchmarks.gps_scaling", "--child", model, str(num_nodes),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+               "--seed", str(args.seed), "--channels", str(args.channels), "--heads", str(args.heads),
+               "--k", str(args.k), "--degree", str(args.degree)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode:
+        raise RuntimeError(f"{model} at {num_nodes} nodes failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def quadratic_estimate(rows: List[Dict], key: str, num_nodes: int) -> float:
+    """``key`` at ``num_nodes`` from the largest measured size, scaled by the square of the node ratio
+    (dense attention over all node pairs)."""
+    last = max(rows, key=lambda r: r["nodes"])
+    return last[key] * (num_nodes / last["nodes"]) ** 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                        help="node counts")
+    parser.add_argument("--dense-max", type=int, default=16384,
+                        help="largest node count run with dense attention; beyond it time and memory are estimated")
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--k", type=int, default=16, help="mesh neighbours per node")
+    parser.add_argument("--degree", type=int, default=10, help="mean degree of the generated graph")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "NODES"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure_here(args.child[0], int(args.child[1]), args)))
+        return {}
+    if args.quick:
+        args.sizes, args.dense_max, args.repeats, args.warmup = [256, 512], 256, 1, 1
+    info = setup(args)
+
+    rows = {model: [] for model in MODELS}
+    for num_nodes in args.sizes:
+        for model in MODELS:
+            if model == MODELS[0] and num_nodes > args.dense_max:
+                continue
+            rows[model].append(measure(model, num_nodes, args))
+            print(rows[model][-1], flush=True)
+    measured = rows[MODELS[0]]
+    estimates = [{"nodes": n, "step_ms": quadratic_estimate(measured, "step_ms", n),
+                  "peak_gib": quadratic_estimate(measured, "peak_gib", n)} for n in args.sizes if n > args.dense_max]
+
+    def cells(r: Optional[Dict], estimated: bool = False):
+        if r is None:
+            return ["-", "-"]
+        mark = " (est.)" if estimated else ""
+        return [f"{r['step_ms']:,.0f} ms{mark}", f"{r['peak_gib']:.3f} GiB{mark}"]
+
+    dense = {r["nodes"]: r for r in measured}
+    guess = {r["nodes"]: r for r in estimates}
+    mesh = {r["nodes"]: r for r in rows[MODELS[1]]}
+    table = markdown_table(
+        ["nodes", "edges", "GPSConv step", "GPSConv peak", "MeshGPSConv step", "MeshGPSConv peak"],
+        [[f"{n:,}", f"{mesh[n]['edges']:,}"] + cells(dense.get(n) or guess.get(n), n not in dense) + cells(mesh[n])
+         for n in args.sizes])
+    report = [f"One GPS layer ({args.channels} channels, {args.heads} heads, GCNConv as local conv), one graph of N "
+              f"nodes with random edges (mean degree {args.degree}), one training step (forward + backward of "
+              f"`out.square().mean()`), median of {args.repeats} after {args.warmup} warm-up; MeshGPSConv with k={args.k}. "
+              "Peak: the process's resident-memory high-water mark above what it held before the graph and the "
+              "layer were made, every measurement in a fresh process. "
+              f"Dense attention ran up to {args.dense_max:,} nodes; larger rows marked (est.) scale its largest "
+              "measured row by (N / N_max)^2.", table]
+
+    fig, axes = new_figure(ncols=2, width=5)
+    for model, style in zip(MODELS, ("o-", "s-")):
+        ns = [r["nodes"] for r in rows[model]]
+        axes[0].plot(ns, [r["step_ms"] / 1e3 for r in rows[model]], style, label=model)
+        axes[1].plot(ns, [r["peak_gib"] for r in rows[model]], style, label=model)
+    if estimates:
+        for ax, key, scale in ((axes[0], "step_ms", 1e3), (axes[1], "peak_gib", 1)):
+            ax.plot([r["nodes"] for r in estimates], [r[key] / scale for r in estimates], "o:", color="C0",
+                    label="GPSConv (estimated)")
+    for ax, label in zip(axes, ("training step (s)", "peak memory (GiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="nodes", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return finish(NAME, args, info, report, {"rows": rows, "dense_estimates": estimates}, fig, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""benchmarks/gps_scaling.py runs (--quick) and writes complete results: measured rows for both
+layers, estimated dense rows beyond --dense-max."""
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
+
+from benchmarks import gps_scaling  # noqa: E402
+
+
+def test_gps_scaling_quick(tmp_path):
+    returned = gps_scaling.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "gps_scaling.json").read_text())
+    assert json.loads(json.dumps(returned)) == written and (tmp_path / "gps_scaling.png").stat().st_size > 0
+    dense, mesh = (written["rows"][model] for model in gps_scaling.MODELS)
+    assert [r["nodes"] for r in dense] == [256] and [r["nodes"] for r in mesh] == [256, 512]
+    assert [r["nodes"] for r in written["dense_estimates"]] == [512]
+    for r in dense + mesh:
+        assert r["edges"] > r["nodes"] and math.isfinite(r["step_ms"]) and r["step_ms"] > 0 and r["peak_gib"] >= 0
+    assert written["dense_estimates"][0]["step_ms"] == 4 * dense[0]["step_ms"]  # quadratic extrapolation
+    assert "(est.)" in (tmp_path / "gps_scaling.md").read_text()
