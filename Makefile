@@ -6,6 +6,7 @@ PIP   := $(PY) -m pip
 TORCH ?= torch==2.13.0
 VENV_FLAGS ?=
 STAMP := $(VENV)/.tmt_pyg_installed
+BUILD_EXT := DIST_EXTRA_CONFIG=$(CURDIR)/.ci/build_ext.cfg CFLAGS=-g0
 
 .PHONY: setup demo test test-all clean
 
@@ -15,8 +16,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(if $(TORCH),$(PIP) install -q "$(TORCH)")
-	$(PY) -c "import torch_scatter" 2>/dev/null || MAX_JOBS=2 $(PIP) install --no-build-isolation torch-scatter==2.1.2
-	$(PY) -c "import torch_cluster" 2>/dev/null || MAX_JOBS=2 $(PIP) install --no-build-isolation torch-cluster==1.6.3
+	# both compiled at once, each building its extensions in parallel (they turn ninja off), no debug info
+	$(PY) -c "import torch_scatter" 2>/dev/null || $(BUILD_EXT) $(PIP) install -q --no-build-isolation torch-scatter==2.1.2 & \
+	$(PY) -c "import torch_cluster" 2>/dev/null || $(BUILD_EXT) $(PIP) install -q --no-build-isolation torch-cluster==1.6.3 & \
+	wait %1 && wait %2
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 

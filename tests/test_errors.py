@@ -180,7 +180,7 @@ def test_unknown_config_key():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    pytest.param({}, r"non-finite node states \(NaN or Inf\) given to DynamicMesh", id="mesh"),
+    pytest.param({}, r"non-finite hidden states \(NaN or Inf\) after the last layer", id="mesh"),
     pytest.param(dict(use_mesh=False), r"non-finite hidden states \(NaN or Inf\) after the last layer", id="dense"),
 ])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from tmt_pyg import DynamicMesh, tokens_to_batch
-from tmt_pyg.layers.mesh import topk_per_target
 
 from reference import as_set, brute_force_mesh, random_batch
 
@@ -59,14 +58,6 @@ def test_batch_invariance_of_the_mesh():
     both = as_set(DynamicMesh(4)(x, batch)[0])
     alone = as_set(DynamicMesh(4)(x[9:], batch[9:] - 1)[0])
     assert {(s - 9, d - 9) for s, d in both if d >= 9} == alone
-
-
-def test_topk_per_target():
-    src = torch.tensor([0, 1, 2, 3, 4])
-    dst = torch.tensor([9, 9, 9, 8, 8])
-    sim = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3])
-    s, d, w = topk_per_target(src, dst, sim, 2)
-    assert set(zip(s.tolist(), d.tolist())) == {(1, 9), (2, 9), (3, 8), (4, 8)}
 
 
 def test_mesh_works_on_a_pyg_batch():

@@ -1,6 +1,5 @@
 """HuggingFace ``transformers`` wrappers: ``TMTHFConfig`` and ``TMTForCausalLM`` (``save_pretrained``,
 ``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as ``past_key_values``."""
-import copy
 from dataclasses import asdict, fields
 from typing import List, Optional
 
@@ -43,28 +42,26 @@ class TMTHFConfig(PretrainedConfig):
 
 
 class TMTGenerationCache:
-    """``past_key_values`` of :class:`TMTForCausalLM`: one :class:`TMTCache` per batch row (rows may
-    hold different numbers of real tokens). ``transformers`` hands it back at every decoding step."""
+    """``past_key_values`` of :class:`TMTForCausalLM`: one batched :class:`TMTCache` (rows may hold
+    different numbers of real tokens). ``transformers`` hands it back at every decoding step."""
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, rows: List[TMTCache], seq_length: int):
-        self.rows, self.seq_length = rows, seq_length
+    def __init__(self, cache: TMTCache, seq_length: int):
+        self.cache, self.seq_length = cache, seq_length
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Columns of ``input_ids`` seen so far, padding included."""
         return self.seq_length
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        """Beam search: row ``i`` continues from the cache of row ``beam_idx[i]``. ``extend`` never
-        writes into cached tensors, so a shallow copy with its own layer list is an independent fork."""
-        forks = []
-        for i in beam_idx.tolist():
-            fork = copy.copy(self.rows[i])
-            fork.layers = list(fork.layers)
-            forks.append(fork)
-        self.rows = forks
+        """Beam search: row ``i`` continues from the cache of row ``beam_idx[i]`` (rows copied, since
+        decoding writes into the cache)."""
+        cache = self.cache
+        for layer in cache.layers:
+            layer.state, layer.key, layer.value = layer.state[beam_idx], layer.key[beam_idx], layer.value[beam_idx]
+        cache.lengths, cache.last_logits = cache.lengths[beam_idx], cache.last_logits[beam_idx]
 
 
 class TMTForCausalLM(PreTrainedModel, GenerationMixin):
@@ -125,18 +122,20 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         if past_key_values is not None:
             if not isinstance(past_key_values, TMTGenerationCache):
                 raise TypeError(f"past_key_values must be a TMTGenerationCache made by this model, got {type(past_key_values).__name__}")
-            flat = torch.cat([extend(self.tmt, cache, row) for cache, row in zip(past_key_values.rows, rows)])
+            if not bool(keep.all()):
+                raise ValueError("with past_key_values every new token must have attention_mask 1")
+            flat = extend(self.tmt, past_key_values.cache, input_ids).flatten(0, 1)  # all rows decoded together
             past_key_values.seq_length += input_ids.size(1)
-        elif cached and logits_to_keep == 1:  # generate()'s prefill: the caches' last logits are all it needs
-            past_key_values = TMTGenerationCache([TMTCache(self.tmt, row) for row in rows], input_ids.size(1))
-            flat = torch.stack([cache.last_logits for cache in past_key_values.rows])
+        elif cached and logits_to_keep == 1:  # generate()'s prefill: the cache's last logits are all it needs
+            past_key_values = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
+            flat = past_key_values.cache.last_logits
             keep = torch.ones_like(keep[:, -1:])
         else:
             data = tokens_to_batch(rows)
             out = self.tmt(data, compute_loss=labels is not None)
             flat = out.logits  # (N, V), rows concatenated
             if cached:
-                past_key_values = TMTGenerationCache([TMTCache(self.tmt, row) for row in rows], input_ids.size(1))
+                past_key_values = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
             if labels is not None:
                 target = labels[keep]  # (N,) in the order of flat
                 same = data.batch[1:] == data.batch[:-1]  # positions t and t+1 in the same row

@@ -29,11 +29,12 @@ def check_ids(ids: Tensor, vocab_size: Optional[int] = None) -> None:
         raise _id_error(ids, vocab_size)
 
 
-def check_token_batch(data: Batch, vocab_size: int, max_seq_len: int, device: torch.device) -> None:
+def check_token_batch(data: Batch, vocab_size: int, max_seq_len: int, device: torch.device) -> Optional[int]:
     """Check that ``data`` is a token batch a model on ``device`` can trust, with one host sync when
     it is: ``input_ids``, ``pos``, ``batch`` (and ``ptr`` if present) are long vectors on ``device``,
     ids lie in ``[0, vocab_size)``, ``batch`` is sorted and numbers the graphs ``0..B-1`` without gaps,
-    ``pos`` counts ``0, 1, ...`` inside each graph and stays below ``max_seq_len``, ``ptr`` matches ``batch``."""
+    ``pos`` counts ``0, 1, ...`` inside each graph and stays below ``max_seq_len``, ``ptr`` matches ``batch``.
+    Returns the common length of the sequences when they all have the same, else None."""
     for field in ("input_ids", "pos", "batch"):
         if getattr(data, field, None) is None:
             raise ValueError(f"the Batch has no node field '{field}' (build it with tmt_pyg.tokens_to_batch)")
@@ -67,6 +68,7 @@ def check_token_batch(data: Batch, vocab_size: int, max_seq_len: int, device: to
         bad_ptr,
         _bad_ids(ids, vocab_size),
         (pos >= max_seq_len).any(),
+        (pos.view(B, -1)[:, -1] == N // B - 1).all() if N % B == 0 else batch.new_zeros((), dtype=torch.bool),
     ]).tolist()  # the one host sync
     if flags[0]:
         raise ValueError(f"batch vector must be sorted and number the {B} graphs 0..{B - 1} without gaps "
@@ -79,6 +81,7 @@ def check_token_batch(data: Batch, vocab_size: int, max_seq_len: int, device: to
         raise _id_error(ids, vocab_size)
     if flags[4]:
         raise ValueError(f"sequence of length {int(pos.max()) + 1} exceeds max_seq_len={max_seq_len}")
+    return N // B if flags[5] else None
 
 
 def pack_tokens(sequences: TokenInput) -> Batch:

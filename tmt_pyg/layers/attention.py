@@ -115,6 +115,36 @@ class MeshAttentionConv(MessagePassing):
         alpha, self._alpha = self._alpha, None
         return self.combine_heads(out.view(-1, self.heads, self.out_channels)), alpha
 
+    def attend_slots(self, query: Tensor, key: Tensor, value: Tensor, slot_index: Tensor, slot_valid: Tensor,
+                     pos: Tuple[OptTensor, OptTensor], memory: Optional[Tuple[Tensor, Tensor]] = None
+                     ) -> Tuple[Tensor, Tensor]:
+        """Fast path over a fixed-degree neighbour table (e.g. :meth:`DynamicMesh.slots`): the same
+        attention as :meth:`attend` over the edges ``slot_index[r, s] -> r`` of the valid slots.
+
+        ``query`` (A, H, C) of the targets, ``key``/``value`` (N_src, H, C), ``slot_index`` and
+        ``slot_valid`` (A, S), ``pos = (pos_src (N_src,), pos_dst (A,))``. ``memory``: keys and
+        values (M, H, C) every target also reads (memory anchors: timeless, decay 1), joined to the
+        slots in one softmax. Returns the output (A, width) and alpha (A, S + M, H).
+        """
+        A, S = slot_index.shape
+        H, C = self.heads, self.out_channels
+        # (A, S, H, C) rows gathered once; products summed in place of einsum, which would copy them
+        key_slots = key.reshape(-1, H * C)[slot_index].view(A, S, H, C)
+        score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~slot_valid.unsqueeze(-1), float("-inf"))  # (A, S, H)
+        if memory is not None:
+            score = torch.cat([score, torch.einsum("ahc,mhc->amh", query, memory[0])], dim=1)  # (A, S + M, H)
+        alpha = (score / math.sqrt(C)).softmax(dim=1)
+        if self.decay is not None:
+            pos_src, pos_dst = pos
+            gamma = self.decay(pos_dst.unsqueeze(1), pos_src[slot_index])  # (A, S, H)
+            alpha = torch.cat([alpha[:, :S] * gamma, alpha[:, S:]], dim=1) if memory is not None else alpha * gamma
+        weights = F.dropout(alpha, p=self.dropout, training=self.training)
+        value_slots = value.reshape(-1, H * C)[slot_index].view(A, S, H, C)
+        out = (weights[:, :S].unsqueeze(-1) * value_slots).sum(1)  # (A, H, C)
+        if memory is not None:
+            out = out + torch.einsum("amh,mhc->ahc", weights[:, S:], memory[1])
+        return self.combine_heads(out), alpha
+
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, t_i: OptTensor, t_j: OptTensor,
                 index: Tensor, ptr: OptTensor, size_i: Optional[int]) -> Tensor:
         query_i, key_j, value_j = (t.view(-1, self.heads, self.out_channels) for t in (query_i, key_j, value_j))

@@ -1,4 +1,6 @@
 """Per-token exit gates and their training objectives."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,14 +28,24 @@ class ExitGate(nn.Module):
         return torch.sigmoid(self.lin(h)).squeeze(-1)
 
 
-def decisiveness_loss(confidence: Tensor) -> Tensor:
+def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean of ``values`` where ``mask`` (all of them if None); 0 when nothing is masked in."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def decisiveness_loss(confidence: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """The announcement's objective ``-mean|c - 0.5|``: pushes gates to 0 or 1, with no notion of
-    whether exiting is right (it collapses to "always exit" when nothing opposes it)."""
-    return -(confidence - 0.5).abs().mean()
+    whether exiting is right (it collapses to "always exit" when nothing opposes it).
+    ``mask``: which confidences count (e.g. tokens whose gate ran)."""
+    return -masked_mean((confidence - 0.5).abs(), mask)
 
 
-def consistency_loss(confidence: Tensor, early_prediction: Tensor, final_prediction: Tensor) -> Tensor:
+def consistency_loss(confidence: Tensor, early_prediction: Tensor, final_prediction: Tensor,
+                     mask: Optional[Tensor] = None) -> Tensor:
     """CALM-style objective: binary cross-entropy of ``c`` against the oracle "the state at this
     layer already yields the final prediction" (``early_prediction == final_prediction``)."""
-    target = (early_prediction == final_prediction).to(confidence.dtype)
-    return F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), target.float())
+    target = (early_prediction == final_prediction).float()
+    bce = F.binary_cross_entropy(confidence.float().clamp(1e-6, 1 - 1e-6), target, reduction="none")
+    return masked_mean(bce, mask)

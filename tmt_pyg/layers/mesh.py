@@ -1,5 +1,5 @@
-"""DynamicMesh: the per-layer kNN graph over L2-normalised token states."""
-from typing import Optional, Tuple
+"""DynamicMesh: the per-layer kNN graph over L2-normalised token states, as fixed-degree slots or edges."""
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,110 +10,169 @@ import torch_cluster
 BACKENDS = ("auto", "dense", "cluster")
 
 
+class MeshSlots(NamedTuple):
+    """A mesh of fixed in-degree: row ``r`` (target ``target[r]``) reads the nodes ``index[r]``.
+
+    Slot groups lie side by side along the slot axis: ``k`` nearest neighbours, then the self slot.
+    Unused slots (a token with fewer than ``k`` candidates) have ``valid = False`` and point at the
+    target itself, so a gather through them is always in range.
+    """
+    index: Tensor  # (Q, k + 1) source node ids
+    valid: Tensor  # (Q, k + 1) bool
+    target: Tensor  # (Q,) target node ids
+    unit: Tensor  # (N, D) the L2-normalised node states the mesh was built from
+
+    def edges(self) -> Tuple[Tensor, Tensor]:
+        """The valid slots as PyG edges ``[source, target]`` (2, E) and their cosine (E,)."""
+        src, dst = self.index[self.valid], self.target.unsqueeze(1).expand_as(self.index)[self.valid]
+        return torch.stack([src, dst]), (self.unit[src] * self.unit[dst]).sum(-1)
+
+
 def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
     """Sorted batch vector (N,) -> CSR pointer (B+1,)."""
     counts = torch.bincount(batch, minlength=num_graphs or 0)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def topk_per_target(src: Tensor, dst: Tensor, sim: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Keep, for every target in ``dst``, its ``k`` candidate edges of largest ``sim``."""
-    order = sim.argsort(descending=True)
-    order = order[dst[order].argsort(stable=True)]
-    src, dst, sim = src[order], dst[order], sim[order]
-    start = torch.ones_like(dst, dtype=torch.bool)
-    start[1:] = dst[1:] != dst[:-1]
-    group_start = torch.cummax(torch.where(start, torch.arange(dst.numel(), device=dst.device), 0), 0).values
-    keep = torch.arange(dst.numel(), device=dst.device) - group_start < k
-    return src[keep], dst[keep], sim[keep]
+def top_slots(sim: Tensor, allowed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Columns of the ``k`` largest allowed entries of every row of ``sim`` (..., R, C), exactly.
 
-
-def dense_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
-              block_size: int = 256) -> Tuple[Tensor, Tensor, Tensor]:
-    """Exact kNN by blockwise ``matmul + topk`` on the flat node array (no padding).
-
-    For a block of (sorted) queries the candidate keys are the contiguous span from the start of
-    the first query's graph to the last query (causal) or to the end of the last query's graph,
-    so memory is O(block_size * span). Returns ``(src, dst, sim)`` without self edges.
+    Exact ties go to the later column (the most recent token), so the choice depends on the row's
+    own candidates only, not on how rows were blocked or batched. Returns column ids (..., R, k)
+    and their validity (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the
+    rest invalid.
     """
-    srcs, dsts, sims = [], [], []
+    C = sim.size(-1)
+    kk = min(k, C)
+    sim = sim.float().masked_fill(~allowed, float("-inf"))
+    kth = sim.topk(kk, dim=-1).values[..., -1:]  # the k-th largest value of each row
+    # rank by (above the k-th value, column): every entry above it, then the latest of those equal
+    # to it; integers below 2**24 are exact in float32
+    col = torch.arange(C, device=sim.device, dtype=torch.float32)
+    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & allowed, col, -1.0))
+    top, index = rank.topk(kk, dim=-1)
+    valid = top >= 0
+    if kk < k:  # fewer columns than k: pad with invalid slots
+        pad = sim.shape[:-1] + (k - kk,)
+        return torch.cat([index, index.new_zeros(pad)], -1), torch.cat([valid, valid.new_zeros(pad)], -1)
+    return index, valid
+
+
+def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """Exact causal kNN of ``B`` sequences of equal length, ``u`` (B, S, D) unit rows: for every
+    position the ``k`` most similar strictly earlier positions of its sequence. Static shapes, no
+    host sync. Returns positions (B, S, k) and validity (B, S, k)."""
+    S = u.size(1)
+    index, valid = [], []
+    for start in range(0, S, block_size):
+        end = min(start + block_size, S)
+        sim = u[:, start:end] @ u[:, :end].transpose(1, 2)  # (B, b, end)
+        past = torch.arange(end, device=u.device) < torch.arange(start, end, device=u.device).unsqueeze(1)
+        i, v = top_slots(sim, past.expand_as(sim), k)
+        index.append(i)
+        valid.append(v)
+    return torch.cat(index, 1), torch.cat(valid, 1)
+
+
+def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
+             block_size: int = 256) -> Tuple[Tensor, Tensor]:
+    """Exact kNN on the flat node array (graphs of any lengths, no padding) by blockwise
+    ``matmul + topk``: for a block of sorted queries the candidates are the contiguous span from
+    the start of the first query's graph to the last query (causal) or to the end of the last
+    query's graph, so memory is O(block_size * span). Returns node ids (Q, k) and validity (Q, k)."""
+    index, valid = [], []
     for s in range(0, query.numel(), block_size):
         q = query[s:s + block_size]
         lo = int(ptr[batch[q[0]]])
-        hi = int(q[-1]) if causal else int(ptr[batch[q[-1]] + 1])
-        if hi <= lo:
-            continue
+        hi = max(int(q[-1]) if causal else int(ptr[batch[q[-1]] + 1]), lo + 1)
         keys = torch.arange(lo, hi, device=u.device)
-        sim = u[q] @ u[lo:hi].t()  # (b, span)
-        valid = batch[keys].unsqueeze(0) == batch[q].unsqueeze(1)
-        valid &= (keys.unsqueeze(0) < q.unsqueeze(1)) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
-        sim = sim.masked_fill(~valid, float("-inf"))
-        kth = sim.topk(min(k, hi - lo), dim=1).values[:, -1:]
-        # exact ties (e.g. repeated tokens at layer 0) go to the most recent candidates, so the
-        # choice depends on the sequence alone, not on the batch or the block layout
-        greater, equal = sim > kth, (sim == kth) & valid
-        need = (kth > float("-inf")).long() * (min(k, hi - lo) - greater.sum(1, keepdim=True))
-        rank_from_right = equal.flip(1).cumsum(1).flip(1)
-        row, col = (greater | (equal & (rank_from_right <= need))).nonzero().t()
-        srcs.append(col + lo)
-        dsts.append(q[row])
-        sims.append(sim[row, col])
-    if not srcs:
-        empty = query.new_empty(0)
-        return empty, empty, u.new_empty(0)
-    return torch.cat(srcs), torch.cat(dsts), torch.cat(sims)
+        allowed = batch[keys].unsqueeze(0) == batch[q].unsqueeze(1)
+        allowed &= (keys.unsqueeze(0) < q.unsqueeze(1)) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
+        i, v = top_slots(u[q] @ u[lo:hi].t(), allowed, k)
+        index.append(i + lo)
+        valid.append(v)
+    return torch.cat(index), torch.cat(valid)
 
 
-def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, pos: Tensor, k: int, causal: bool, query: Tensor,
-                chunk_size: int = 128) -> Tuple[Tensor, Tensor, Tensor]:
-    """kNN through torch-cluster. Causal: per chunk of positions, ``torch_cluster.knn`` against the
-    strictly-past prefix plus a masked dense top-k inside the chunk, merged exactly per target."""
-    is_query = torch.zeros(u.size(0), dtype=torch.bool, device=u.device)
-    is_query[query] = True
+def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
+                chunk_size: int = 128) -> Tuple[Tensor, Tensor]:
+    """kNN through torch-cluster; returns node ids (Q, k) and validity (Q, k) like :func:`flat_knn`.
+
+    Causal: per chunk of positions, ``torch_cluster.knn`` proposes ``k`` candidates from the
+    strictly-past prefix of each sequence and a masked dense top-k ``k`` from inside the chunk.
+    The ``2k`` candidates of a query are then ranked by the same exact similarity and tie rule as
+    the dense backend, so the result depends on the query's own sequence and past only.
+    """
+    Q = query.numel()
     if not causal:
+        # k + 1 per target when the target itself is not among its k + 1 nearest (duplicate states)
         src, dst = torch_cluster.knn_graph(u, k, batch=batch, loop=False, flow="source_to_target")
-        keep = is_query[dst]
-        src, dst = src[keep], dst[keep]
-        return src, dst, (u[src] * u[dst]).sum(-1)
-    srcs, dsts = [], []
-    for c0 in range(0, int(pos.max()) + 1, chunk_size):
-        in_chunk = (pos >= c0) & (pos < c0 + chunk_size)
-        chunk_q = (in_chunk & is_query).nonzero().view(-1)
-        if chunk_q.numel() == 0:
+        order = dst.argsort(stable=True)
+        src, dst = src[order], dst[order]
+        cand = torch.full((u.size(0), k + 1), -1, dtype=torch.long, device=u.device)
+        rank = torch.arange(dst.numel(), device=u.device) - ptr_of_sorted(dst, u.size(0))[dst]
+        cand[dst, rank] = src
+        return rank_candidates(u, cand[query], query, k)
+    pos = torch.arange(u.size(0), device=u.device) - ptr[batch]
+    cand = torch.full((Q, 2 * k), -1, dtype=torch.long, device=u.device)
+    qpos = pos[query]
+    for c0 in range(0, int(qpos.max()) + 1, chunk_size):
+        rows = ((qpos >= c0) & (qpos < c0 + chunk_size)).nonzero().view(-1)
+        if rows.numel() == 0:
             continue
+        chunk_q = query[rows]
         if c0 > 0:  # candidates from the strictly-past prefix of each sequence
             past = (pos < c0).nonzero().view(-1)
             qi, pj = torch_cluster.knn(u[past], u[chunk_q], k, batch[past], batch[chunk_q])
-            srcs.append(past[pj])
-            dsts.append(chunk_q[qi])
-        chunk = in_chunk.nonzero().view(-1)  # candidates inside the chunk, before the query
-        local_q = torch.searchsorted(chunk, chunk_q)
-        cb = batch[chunk]
-        s, d, _ = dense_knn(u[chunk], cb, batch_to_ptr(cb, int(batch.max()) + 1), k, True, local_q)
-        srcs.append(chunk[s])
-        dsts.append(chunk[d])
-    src, dst = torch.cat(srcs), torch.cat(dsts)
-    src, dst, sim = topk_per_target(src, dst, (u[src] * u[dst]).sum(-1), k)
-    return src, dst, sim
+            order = qi.argsort(stable=True)
+            qi, pj = qi[order], pj[order]
+            rank = torch.arange(qi.numel(), device=u.device) - ptr_of_sorted(qi, rows.numel())[qi]
+            cand[rows[qi], rank] = past[pj]
+        chunk = ((pos >= c0) & (pos < c0 + chunk_size)).nonzero().view(-1)  # candidates inside the chunk
+        chunk_batch = batch[chunk]
+        i, v = flat_knn(u[chunk], chunk_batch, batch_to_ptr(chunk_batch, ptr.numel() - 1), k, True,
+                        torch.searchsorted(chunk, chunk_q))
+        cand[rows, k:] = torch.where(v, chunk[i], -1)
+    return rank_candidates(u, cand, query, k)
+
+
+def ptr_of_sorted(index: Tensor, size: int) -> Tensor:
+    """Start of each value's run in a sorted index vector: (size,) (== batch_to_ptr without the end)."""
+    return batch_to_ptr(index, size)[:-1]
+
+
+def rank_candidates(u: Tensor, cand: Tensor, query: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Exact top-k among candidate node ids ``cand`` (Q, C), -1 = none, by the dense backend's rule
+    (cosine of the unit rows, ties to the most recent node)."""
+    cand = cand.sort(dim=1).values  # node order = recency order along the candidate axis
+    allowed = cand >= 0
+    safe = cand.clamp(min=0)
+    sim = (u[safe] * u[query].unsqueeze(1)).sum(-1)
+    i, v = top_slots(sim, allowed, k)
+    return safe.gather(1, i), v
 
 
 class DynamicMesh(torch.nn.Module):
     r"""Rebuilds the kNN "mesh" from the current node states.
 
     Nodes are L2-normalised (on unit vectors Euclidean kNN is cosine kNN) and every target
-    ``i`` gets edges ``j -> i`` from its ``k`` most similar nodes ``j`` of the same graph, plus its
-    self edge; a node with fewer than ``k`` candidates gets all of them.
+    ``i`` reads its ``k`` most similar nodes ``j`` of the same graph, plus itself; a node with
+    fewer than ``k`` candidates reads all of them. Exact ties go to the most recent node.
 
     * ``causal=True``: candidates are the nodes **before** ``i`` in its graph (node order = token
       order), exactly: the neighbour set of ``i`` depends on nodes ``<= i`` only.
-    * ``causal=False``: any other node of the graph (``torch_cluster.knn_graph``).
+    * ``causal=False``: any other node of the graph.
+
+    The mesh has a fixed in-degree, so :meth:`slots` hands it out as a ``(Q, k + 1)`` neighbour
+    table (:class:`MeshSlots`), the layout the attention's fast path reads; :meth:`forward` gives
+    the same mesh as PyG edges.
 
     Args:
-        k (int): number of neighbours per node (without the self edge).
+        k (int): number of neighbours per node (without the self slot).
         causal (bool): causal (language model) or bidirectional mesh.
-        backend (str): ``"cluster"`` (torch-cluster: KD-tree on CPU, brute force on CUDA),
-            ``"dense"`` (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for
-            low-dimensional points, dense otherwise; see the README for the measurement).
+        backend (str): ``"cluster"`` (torch-cluster proposes candidates: KD-tree on CPU, brute force
+            on CUDA), ``"dense"`` (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for
+            low-dimensional bidirectional points, dense otherwise; see the README for the measurement).
         block_size (int): query rows per block of the dense backend.
 
     Shapes:
@@ -137,6 +196,34 @@ class DynamicMesh(torch.nn.Module):
             return self.backend
         return "cluster" if dim <= self.low_dim_threshold and not self.causal else "dense"
 
+    def slots(self, x: Tensor, batch: Optional[Tensor] = None, query_index: Optional[Tensor] = None,
+              seq_len: Optional[int] = None) -> MeshSlots:
+        """The mesh as a neighbour table. Inputs are trusted (:meth:`forward` checks them).
+
+        ``seq_len``: every graph has exactly ``seq_len`` nodes (a ``(B, S)`` batch). With all
+        nodes as queries, the causal dense search then runs on ``(B, S, D)`` blocks with static
+        shapes and no host sync (the training path, ``torch.compile(fullgraph=True)``-able).
+        """
+        N = x.size(0)
+        u = F.normalize(x.detach(), dim=-1)
+        target = torch.arange(N, device=x.device) if query_index is None else query_index
+        backend = self.resolve_backend(x.size(1))
+        if target.numel() == 0:  # every token exited
+            index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
+        elif seq_len is not None and query_index is None and self.causal and backend == "dense":
+            pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size)
+            start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
+            index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
+        else:
+            batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
+            ptr = batch_to_ptr(batch)
+            knn = flat_knn if backend == "dense" else cluster_knn
+            index, valid = knn(u, batch, ptr, self.k, self.causal, target, **({"block_size": self.block_size} if knn is flat_knn else {}))
+        index = torch.where(valid, index, target.unsqueeze(1))
+        index = torch.cat([index, target.unsqueeze(1)], 1)
+        valid = torch.cat([valid, valid.new_ones(target.numel(), 1)], 1)
+        return MeshSlots(index, valid, target, u)
+
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,
                 query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if x.dim() != 2 or not x.is_floating_point():
@@ -153,6 +240,8 @@ class DynamicMesh(torch.nn.Module):
                 raise ValueError(f"{name} is on {index.device} but x is on {x.device}")
         if batch.numel() != N:
             raise ValueError(f"batch has {batch.numel()} entries for {N} nodes")
+        if query.numel() == 0:
+            return query.new_empty(2, 0), x.new_empty(0)
         non_finite, unsorted, bad_query = torch.stack([  # one host sync for all value checks
             ~torch.isfinite(x).all(),
             (batch[0] < 0) | (batch[1:] < batch[:-1]).any(),
@@ -164,16 +253,7 @@ class DynamicMesh(torch.nn.Module):
             raise ValueError("batch vector must be sorted and non-negative (nodes of each graph contiguous, as in a PyG Batch)")
         if bad_query:
             raise ValueError(f"query_index must hold strictly increasing node ids in [0, {N})")
-        u = F.normalize(x.detach(), dim=-1)
-        ptr = batch_to_ptr(batch)
-        if self.resolve_backend(x.size(1)) == "dense":
-            src, dst, sim = dense_knn(u, batch, ptr, self.k, self.causal, query, self.block_size)
-        else:
-            pos = torch.arange(N, device=x.device) - ptr[batch]
-            src, dst, sim = cluster_knn(u, batch, ptr, pos, self.k, self.causal, query)
-        edge_index = torch.stack([torch.cat([src, query]), torch.cat([dst, query])])
-        edge_sim = torch.cat([sim, (u[query] * u[query]).sum(-1)])
-        return edge_index, edge_sim
+        return self.slots(x, batch, query_index).edges()
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r})"

@@ -21,7 +21,8 @@ class TMTConfig:
     mlp_dim: int = 1024  # hidden width of the plain MLP (dual_stream=False)
     memory_anchors: int = 16  # persistent memory anchors (virtual nodes) per graph
     max_seq_len: int = 1024  # longest sequence; also the decay's distance normaliser
-    dropout: float = 0.1  # dropout on embeddings, residual branches and attention weights
+    dropout: float = 0.1  # dropout on embeddings and residual branches
+    attn_dropout: float = 0.0  # dropout on attention weights (0 lets vanilla use the fused SDPA kernel)
     causal: bool = True  # causal language model (else bidirectional encoder)
     use_mesh: bool = True  # kNN mesh attention; False: dense attention over the whole (causal) context
     use_decay: bool = True  # multiplicative temporal decay on attention weights
@@ -52,6 +53,7 @@ class TMTConfig:
         need(not self.rope or (self.d_model // self.n_heads) % 2 == 0, "rope needs an even head width")
         need(0.0 < self.exit_threshold <= 1.0, f"exit_threshold must lie in (0, 1], got {self.exit_threshold}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
+        need(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
         need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")

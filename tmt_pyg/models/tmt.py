@@ -9,13 +9,13 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn.dense.linear import Linear as PygLinear
 
-from ..data.batching import TokenInput, check_token_batch, pack_tokens
+from ..data.batching import TokenInput, check_ids, check_token_batch, pack_tokens
 from ..layers.anchors import MemoryAnchors
 from ..layers.attention import MeshAttentionConv
-from ..layers.dense_attention import dense_attention
-from ..layers.exit_gate import ExitGate, consistency_loss, decisiveness_loss
+from ..layers.dense_attention import dense_attention, dense_causal_attention
+from ..layers.exit_gate import ExitGate, consistency_loss, decisiveness_loss, masked_mean
 from ..layers.ffn import DualStreamFFN, FeedForward
-from ..layers.mesh import DynamicMesh
+from ..layers.mesh import DynamicMesh, MeshSlots
 from .config import TMTConfig
 
 
@@ -27,7 +27,7 @@ class TMTOutput:
     gate_loss: Optional[Tensor] = None  # exit-gate objective (0 when exits are off)
     exit_masks: Optional[Tensor] = None  # (L, N) bool: token was frozen and skipped at layer l
     confidences: Optional[Tensor] = None  # (L-1, N) gate confidence after layer l (NaN: not computed)
-    graph_edges: Optional[Tuple[Tensor, Tensor]] = None  # last layer's mesh: edge_index (2, E), cosine (E,)
+    mesh: Optional[MeshSlots] = None  # last layer's mesh as fixed-degree slots
     memory_state: Optional[Tensor] = None  # (M, D) anchor state
     decay_scalars: Optional[Tensor] = None  # (L, H) learned decay rate per layer and head
     attentions: Optional[List[Tuple[Tensor, Tensor]]] = None  # per layer (edge_index, alpha (E, H))
@@ -36,36 +36,74 @@ class TMTOutput:
     exit_rate: Optional[Tensor] = None  # fraction of tokens exited before the last layer
     avg_exit_layer: Optional[Tensor] = None  # mean number of layers a token ran through
     flops: float = 0.0  # counted multiply-adds * 2 of the forward pass (rows and edges really processed)
-    hidden_states: Optional[List[Tensor]] = None  # input of each layer (N + B*M, D), tokens then anchors
+    hidden_states: Optional[List[Tensor]] = None  # input of each layer (N + R, D): tokens, then R anchor rows
+    # (M shared rows when causal, M per graph when bidirectional)
+
+    @property
+    def graph_edges(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """Last layer's mesh as PyG edges: edge_index (2, E), cosine (E,)."""
+        return None if self.mesh is None else self.mesh.edges()
+
+
+@dataclass
+class LayerInput:
+    """What every layer of one forward needs to know about the nodes."""
+    pos: Tensor  # (N,) token positions
+    node_pos: Tensor  # (N + R,) positions of tokens and anchor rows (-1: timeless)
+    tok_batch: Tensor  # (N,) graph of every token
+    anchor_nodes: Tensor  # (R,) node ids of the anchor rows
+    num_graphs: int
+    seq_len: Optional[int]  # every graph has this many tokens (a (B, S) input), else None
+
+    def node_batch(self) -> Tensor:
+        """Graph of every node, anchors of a bidirectional model M per graph: (N + R,)."""
+        B = self.num_graphs
+        anchor_batch = torch.arange(B, device=self.pos.device).repeat_interleave(self.anchor_nodes.numel() // B)
+        return torch.cat([self.tok_batch, anchor_batch])
+
+    def candidate_pairs(self, active_tokens: Tensor, causal: bool) -> int:
+        """(query, key) pairs the kNN search scores for the active tokens."""
+        N = self.pos.numel()
+        if self.seq_len is not None and active_tokens.numel() == N:
+            S = self.seq_len
+            return N * (S - 1) // (2 if causal else 1)
+        if causal:
+            return int(self.pos[active_tokens].sum())
+        lengths = torch.bincount(self.tok_batch, minlength=self.num_graphs)
+        return int((lengths[self.tok_batch[active_tokens]] - 1).sum())
+
+
+def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Slot attention ``alpha`` (A, S + M, H) as PyG edges ``(edge_index (2, E), alpha (E, H))``:
+    the valid slots, then anchor -> token, then the anchors' self edges (weight 1)."""
+    S, M, H = mesh.index.size(1), anchor_nodes.numel(), alpha.size(2)
+    edge_index, _ = mesh.edges()
+    weights = alpha[:, :S][mesh.valid]  # (E, H)
+    if M:
+        anchor_edges = torch.stack([anchor_nodes.repeat(mesh.target.numel()), mesh.target.repeat_interleave(M)])
+        edge_index = torch.cat([edge_index, anchor_edges, anchor_nodes.expand(2, -1)], 1)
+        weights = torch.cat([weights, alpha[:, S:].reshape(-1, H), alpha.new_ones(M, H)])
+    return edge_index, weights
 
 
 class TMTBlock(nn.Module):
-    """One pre-LayerNorm TMT layer: mesh (or dense) attention + FFN on the active rows."""
+    """One pre-LayerNorm TMT layer: attention over the mesh (or dense) + FFN on the active rows."""
 
     def __init__(self, cfg: TMTConfig, exit_gate: bool = False):
         super().__init__()
         D, H = cfg.d_model, cfg.n_heads
         self.ln_attn = nn.LayerNorm(D)
-        self.attn = MeshAttentionConv(D, D // H, heads=H, dropout=cfg.dropout, decay=cfg.use_decay,
+        self.attn = MeshAttentionConv(D, D // H, heads=H, dropout=cfg.attn_dropout, decay=cfg.use_decay,
                                       decay_rate=cfg.decay_rate, max_seq_len=cfg.max_seq_len, rotary=cfg.rope)
         self.ln_ffn = nn.LayerNorm(D)
         self.ffn = DualStreamFFN(D, cfg.ffn_stream_dim) if cfg.dual_stream else FeedForward(D, cfg.mlp_dim)
         self.exit_gate = ExitGate(D) if exit_gate else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, active: Tensor, edge_index: Optional[Tensor], pos: Tensor, batch: Tensor,
-                num_graphs: int, causal: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        """``h`` (N, D) all node states (every node is a key/value source), ``active`` (A,) rows to
-        update, ``edge_index`` (2, E) sources in node ids and targets in ``active`` order (None:
-        dense attention). Returns the new states of the active rows (A, D) and alpha (E, H)."""
-        x = self.ln_attn(h)
-        x_pair, pos_pair = (x, x[active]), (pos, pos[active])
-        if edge_index is None:
-            attn, alpha = dense_attention(self.attn, x_pair, pos_pair, (batch, batch[active]), num_graphs, causal), None
-        else:
-            attn, (_, alpha) = self.attn(x_pair, edge_index, pos_pair, return_attention_weights=True)
-        out = h[active] + self.drop(attn)
-        return out + self.drop(self.ffn(self.ln_ffn(out))), alpha
+    def forward(self, h: Tensor, attn: Tensor) -> Tensor:
+        """Residual update of the active rows' states ``h`` (A, D) by their attention output (A, D)."""
+        out = h + self.drop(attn)
+        return out + self.drop(self.ffn(self.ln_ffn(out)))
 
 
 def layer_flops(cfg: TMTConfig, num_sources: int, num_active: int, num_edges: int, mesh_pairs: int) -> float:
@@ -127,69 +165,81 @@ class TMTModel(nn.Module):
         """Final norm + tied projection: (N, D) -> (N, V)."""
         return self.ln_f(h) @ self.wte.weight.t()
 
-    def _as_batch(self, tokens: Union[Batch, TokenInput]) -> Batch:
-        data = tokens if isinstance(tokens, Batch) else pack_tokens(tokens)
-        check_token_batch(data, self.config.vocab_size, self.config.max_seq_len, self.wte.weight.device)
-        return data
+    def _inputs(self, tokens: Union[Batch, TokenInput]) -> Tuple[Tensor, Tensor, Tensor, int, Optional[int]]:
+        """Checked node fields: ids (N,), pos (N,), batch (N,), the number of graphs, and the common
+        length S when all sequences have the same (else None). One host sync for the checks; none
+        for a ``(B, S)`` tensor under ``torch.compile``, which trusts its input."""
+        if not (isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.numel()):
+            data = tokens if isinstance(tokens, Batch) else pack_tokens(tokens)
+            seq_len = check_token_batch(data, self.config.vocab_size, self.config.max_seq_len, self.wte.weight.device)
+            return data.input_ids, data.pos, data.batch, int(data.num_graphs), seq_len
+        B, S = tokens.shape
+        device = self.wte.weight.device
+        if tokens.device != device:
+            raise ValueError(f"input_ids is on {tokens.device} but the model is on {device}")
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence of length {S} exceeds max_seq_len={self.config.max_seq_len}")
+        ids = tokens.reshape(-1)
+        if not torch.compiler.is_compiling():
+            check_ids(ids, self.config.vocab_size)
+        pos = torch.arange(S, device=device).repeat(B)
+        return ids, pos, torch.arange(B, device=device).repeat_interleave(S), B, S
 
     def forward(self, tokens: Union[Batch, TokenInput], compute_loss: bool = False,
                 return_attention_weights: bool = False, output_hidden_states: bool = False) -> TMTOutput:
         cfg = self.config
-        data = self._as_batch(tokens)
-        ids, pos, tok_batch = data.input_ids, data.pos, data.batch
-        N, B, dev = ids.numel(), int(data.num_graphs), ids.device
+        ids, pos, tok_batch, B, seq_len = self._inputs(tokens)  # seq_len: equal lengths, static shapes
+        N, dev = ids.numel(), ids.device
         h = self.wte(ids) * self.embed_scale
         if self.wpe is not None:
             h = h + self.wpe(pos)
         h = self.drop(h)
-        node_pos, node_batch, anchor_nodes = pos, tok_batch, ids.new_empty(0)
-        if self.anchors is not None:  # virtual nodes after the tokens, graph-major
-            M = self.anchors.num_anchors
-            anchor_nodes = torch.arange(N, N + B * M, device=dev)
-            h = torch.cat([h, self.anchors.expand(B).to(h.dtype)])
-            node_pos = torch.cat([pos, pos.new_full((B * M,), -1)])
-            node_batch = torch.cat([tok_batch, torch.arange(B, device=dev).repeat_interleave(M)])
+        # anchor rows after the tokens: M rows every token reads (causal, read-only), or M per graph
+        # (bidirectional, where anchors also read the tokens of their graph)
+        copies = 1 if cfg.causal else B
+        R = 0 if self.anchors is None else copies * self.anchors.num_anchors
+        anchor_nodes = torch.arange(N, N + R, device=dev)
+        node_pos = torch.cat([pos, pos.new_full((R,), -1)])
+        if self.anchors is not None:
+            h = torch.cat([h, self.anchors.expand(copies).to(h.dtype)])
             if self.training:
                 self._update_anchors(h, N, node_pos, tok_batch)
+        ctx = LayerInput(pos, node_pos, tok_batch, anchor_nodes, B, seq_len)
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
         all_tokens = torch.arange(N, device=dev)
-        lengths = torch.bincount(tok_batch, minlength=B)
         exit_masks, confidences, attentions, rows, states, hidden = [], [], [], [], [], []
-        graph_edges, flops = None, 0.0
+        mesh, flops = None, 0.0
         sample = torch.randperm(N, device=dev)[:cfg.gate_sample] if compute_loss and cfg.gate_loss == "consistency" else None
-        for layer, block in enumerate(self.blocks):
+        for block in self.blocks:
             active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
-            active = torch.cat([active_tokens, anchor_nodes])
-            context = pos[active_tokens] + 1 if cfg.causal else lengths[tok_batch[active_tokens]]  # keys a query may see
-            mesh_pairs = int(context.sum()) - active_tokens.numel()
-            edge_global = edge_index = None
-            if self.mesh is not None:
-                graph_edges = self.mesh(h[:N], tok_batch, query_index=active_tokens)
-                edge_global, edge_index = self._layer_edges(graph_edges[0], h.size(0), tok_batch, active_tokens, active, anchor_nodes)
+            all_active = active_tokens.numel() == N
             exit_masks.append(exited)
             hidden.append(h)
-            h_active, alpha = block(h, active, edge_index, node_pos, node_batch, B, cfg.causal)
-            h = h.index_copy(0, active, h_active)  # exited rows keep their frozen state bit for bit
+            attn, alpha, mesh, edges, pairs = self._attention(block.attn, h, block.ln_attn(h), active_tokens, ctx, return_attention_weights)
+            if all_active:
+                h_active = h = block(h, attn)
+            else:
+                active = torch.cat([active_tokens, anchor_nodes])
+                h_active = block(h[active], attn)
+                h = h.index_copy(0, active, h_active)  # exited rows keep their frozen state bit for bit
             rows.append(active_tokens.numel())
-            if edge_index is not None:
-                flops += layer_flops(cfg, h.size(0), active.numel(), edge_index.size(1), mesh_pairs)
-            else:  # dense: every allowed query-key pair is an edge, no kNN search
-                anchor_pairs = active.numel() * anchor_nodes.numel() // B
-                flops += layer_flops(cfg, h.size(0), active.numel(), mesh_pairs + active.numel() + anchor_pairs, 0)
-            if return_attention_weights and edge_index is not None:
-                attentions.append((edge_global, alpha))
+            flops += layer_flops(cfg, h.size(0), active_tokens.numel() + anchor_nodes.numel(), edges, pairs)
+            if return_attention_weights:
+                attentions.append(alpha)
             if block.exit_gate is not None:
                 gate_in = h_active[:active_tokens.numel()]
                 conf = block.exit_gate(gate_in.detach() if cfg.gate_detach else gate_in)
-                conf_all = torch.full((N,), float("nan"), device=dev, dtype=conf.dtype).index_put((active_tokens,), conf)
+                conf_all = conf if all_active else torch.full((N,), float("nan"), device=dev, dtype=conf.dtype).index_put((active_tokens,), conf)
                 confidences.append(conf_all)
                 if freeze:
                     exited = exited.clone()
                     exited[active_tokens] |= conf.detach() > cfg.exit_threshold
                 if sample is not None:
                     states.append(h[sample].detach())
-        if not bool(torch.isfinite(h[:N]).all()):  # NaN weights or an overflow: an error, not NaN logits
+        # NaN weights or an overflow: an error, not NaN logits (training leaves this to the loss
+        # checks of the trainer, so that the training forward makes no host sync)
+        if not self.training and not bool(torch.isfinite(h[:N]).all()):
             raise ValueError("non-finite hidden states (NaN or Inf) after the last layer")
         logits = self.lm_head(h[:N])
         L = cfg.n_layers
@@ -198,7 +248,7 @@ class TMTModel(nn.Module):
             logits=logits,
             exit_masks=exit_mask_t,
             confidences=torch.stack(confidences) if confidences else None,
-            graph_edges=graph_edges,
+            mesh=mesh,
             memory_state=self.anchors.anchor_state if self.anchors is not None else None,
             decay_scalars=torch.stack([b.attn.decay.decay_scalars for b in self.blocks]) if cfg.use_decay else None,
             attentions=attentions if return_attention_weights else None,
@@ -213,7 +263,7 @@ class TMTModel(nn.Module):
             # row i predicts token i + 1 of the same sequence; no slicing of the (N, V) logits, whose
             # backward would materialise another (N, V) tensor
             has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
-            if not bool(has_next.any()):
+            if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool(has_next.any())):
                 raise ValueError("no next-token targets: every sequence has length 1")
             out.lm_loss = F.cross_entropy(logits, torch.where(has_next, ids.roll(-1), -100), ignore_index=-100)
             out.gate_loss = self._gate_loss(confidences, states, sample, logits)
@@ -222,10 +272,49 @@ class TMTModel(nn.Module):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
 
+    def _attention(self, conv: MeshAttentionConv, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: "LayerInput",
+                   with_weights: bool) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
+        """Attention output of the active rows (active tokens, then every anchor row): the mesh is
+        built from the states ``h`` (N + R, D), attention reads their normalised form ``x``.
+        Returns the output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
+        (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
+        kNN pairs scored (for the FLOP count)."""
+        cfg, N, R = self.config, ctx.pos.numel(), ctx.anchor_nodes.numel()
+        A = active_tokens.numel()
+        all_active = A == N
+        mesh = None if self.mesh is None else self.mesh.slots(h[:N], ctx.tok_batch, None if all_active else active_tokens, ctx.seq_len)
+        mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal) if mesh is not None else 0
+        if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
+            pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
+            key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
+            query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
+            memory = (key[N:], value[N:]) if R else None
+            if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
+                out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
+                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes) if with_weights else None
+            else:
+                out = dense_causal_attention(conv, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
+                                             active_tokens, ctx.seq_len, memory)
+                pairs, alpha = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R, None
+            if R:
+                weight = F.dropout(value.new_ones(R, conv.heads, 1), p=conv.dropout, training=conv.training)
+                out = torch.cat([out, conv.combine_heads(value[N:] * weight)])
+            return out, alpha, mesh, pairs, mesh_pairs
+        active = torch.cat([active_tokens, ctx.anchor_nodes])
+        if mesh is None:
+            key, value = conv.project_key_value(x, ctx.node_pos)
+            node_batch = ctx.node_batch()
+            out = dense_attention(conv, conv.project_query(x[active], ctx.node_pos[active]), key, value,
+                                  (ctx.node_pos, ctx.node_pos[active]), (node_batch, node_batch[active]), ctx.num_graphs, False)
+            return out, None, None, (A + R) * (N + R), 0
+        edge_global, edge_index = self._layer_edges(mesh.edges()[0], h.size(0), ctx.tok_batch, active_tokens, active, ctx.anchor_nodes)
+        out, (_, alpha) = conv((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
+        return out, (edge_global, alpha), mesh, edge_index.size(1), mesh_pairs
+
     def _layer_edges(self, mesh_edges: Tensor, num_nodes: int, tok_batch: Tensor, active_tokens: Tensor,
                      active: Tensor, anchor_nodes: Tensor) -> Tuple[Tensor, Tensor]:
-        """Mesh edges plus anchor edges (anchor -> token, token -> anchor if bidirectional, anchor
-        self edges). Returns them in node ids (2, E) and with targets renumbered in ``active`` order."""
+        """Bidirectional mesh edges plus anchor edges (anchor <-> token, anchor self edges). Returns
+        them in node ids (2, E) and with targets renumbered in ``active`` order."""
         edge_global = mesh_edges
         if self.anchors is not None:
             anchor_edges = self.anchors.edges(active_tokens, tok_batch[active_tokens], num_nodes - anchor_nodes.numel(), self.config.causal)
@@ -235,21 +324,23 @@ class TMTModel(nn.Module):
         return edge_global, torch.stack([edge_global[0], local[edge_global[1]]])
 
     def _gate_loss(self, confidences: List[Tensor], states: List[Tensor], sample: Optional[Tensor], logits: Tensor) -> Tensor:
+        """Gate objective over the tokens whose gates ran (NaN confidence: exited before), masked
+        rather than selected, so that it makes no host sync."""
         if not confidences or self.config.gate_loss == "none":
             return logits.new_zeros(())
+        conf = torch.stack(confidences)  # (L-1, N)
         if self.config.gate_loss == "decisiveness":
-            conf = torch.cat(confidences)
-            return decisiveness_loss(conf[~conf.isnan()])
+            return decisiveness_loss(conf.nan_to_num(0.5), ~conf.isnan())
         final = logits[sample].detach().argmax(-1)
-        losses = []
+        losses, has = [], []
         for conf_all, state in zip(confidences, states):
-            conf = conf_all[sample]
-            seen = ~conf.isnan()
+            c = conf_all[sample]
+            seen = ~c.isnan()
             with torch.no_grad():
                 early = self.lm_head(state).argmax(-1)
-            if bool(seen.any()):
-                losses.append(consistency_loss(conf[seen], early[seen], final[seen]))
-        return torch.stack(losses).mean() if losses else logits.new_zeros(())
+            losses.append(consistency_loss(c.nan_to_num(0.5), early, final, seen))
+            has.append(seen.any())
+        return masked_mean(torch.stack(losses), torch.stack(has))  # mean over the layers that scored tokens
 
     @torch.no_grad()
     def _update_anchors(self, h: Tensor, num_tokens: int, node_pos: Tensor, tok_batch: Tensor) -> None:

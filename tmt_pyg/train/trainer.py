@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = False         # bfloat16 autocast (CPU and CUDA)
+    compile: bool = False      # torch.compile the training forward (equal-length batches compile without breaks)
     progress: bool = True      # tqdm progress bar
     on_nonfinite: str = "stop"  # NaN/Inf loss, gradient or buffer: "stop" (raise) | "skip" (drop the update)
     rank: int = 0              # process rank; only rank 0 logs and writes checkpoints
@@ -56,6 +57,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"TrainConfig: rank {self.rank} out of range for world_size {self.world_size}")
+
+
+def model_input(batch):
+    """A batch of equal-length sequences as a ``(B, S)`` id tensor, the model's static-shape input
+    (no host sync inside the forward, so it compiles as one graph); other batches as they are."""
+    B, N = batch.num_graphs, batch.num_nodes
+    if N % B == 0 and bool((batch.ptr.diff() == N // B).all()):
+        return batch.input_ids.view(B, N // B)
+    return batch
 
 
 class TrainingInterrupted(Exception):
@@ -164,6 +174,7 @@ class Trainer:
                                    "(run under torchrun)")
             self.ddp = wrap_ddp(self.model)  # also broadcasts rank 0's weights and buffers
             seed_everything(cfg.seed + cfg.rank)  # dropout and sampling differ between ranks
+        self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.train_loader, self.val_loader, self.extra = train_loader, val_loader, extra or {}
         self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
@@ -250,7 +261,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last or self.ddp is model else self.ddp.no_sync():  # one all-reduce per step
                 with autocast(self.device, cfg.bf16):
-                    out = self.ddp(batch, compute_loss=True)
+                    out = self.forward(model_input(batch), compute_loss=True)
                 (out.loss / cfg.grad_accum).backward()
             sums = sums + torch.stack([out.loss, out.lm_loss, out.exit_rate, out.work_fraction]).detach().float()
             tokens += batch.num_nodes
