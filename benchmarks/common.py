@@ -260,16 +260,18 @@ def model_labels(model) -> Dict[str, List[Target]]:
     from tmt_pyg.models import tmt as tmt_module
     blocks = list(model.blocks)
     labels = {
-        "mesh kNN": [model.mesh] if model.mesh is not None else [],
-        "edge assembly (anchor edges, local ids)": [(model, "_layer_edges")] if model.mesh is not None else [],
+        "mesh kNN": [(model.mesh, "slots")] if model.mesh is not None else [],
+        "edge assembly (bidirectional: anchor edges, local ids)": [(model, "_layer_edges")] if model.mesh is not None else [],
         "ln_attn (all rows)": [b.ln_attn for b in blocks],
         "attention: K/V projection (all sources)": [m for b in blocks for m in (b.attn.lin_key, b.attn.lin_value)],
         "attention: Q projection": [b.attn.lin_query for b in blocks],
         "attention: output projection": [b.attn.lin_out for b in blocks],
-        "attention: message passing (rotary, gather, softmax, decay, scatter)": (
+        "attention: mesh slots (gather, softmax with the anchor block, decay)": (
+            [(b.attn, "attend_slots") for b in blocks] if model.mesh is not None else []),
+        "attention: message passing (bidirectional: gather, scatter softmax, decay)": (
             [b.attn for b in blocks] if model.mesh is not None else []),
-        "attention: dense path (rotary, padding, SDPA)": (
-            [(tmt_module, "dense_attention")] if model.mesh is None else []),
+        "attention: dense path (SDPA, or scores with decay)": (
+            [(tmt_module, "dense_causal_attention"), (tmt_module, "dense_attention")] if model.mesh is None else []),
         "ln_ffn": [b.ln_ffn for b in blocks],
         "ffn": [b.ffn for b in blocks],
         "exit gates": [b.exit_gate for b in blocks if b.exit_gate is not None],

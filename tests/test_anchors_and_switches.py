@@ -13,10 +13,9 @@ def test_ema_math():
     anchors = MemoryAnchors(3, 2, momentum=0.9)
     anchors.anchor_state.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
     tokens = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
-    slot = torch.tensor([0, 0, 1])  # anchor 0 read by both tokens, anchor 1 by token 1, anchor 2 by none
-    token = torch.tensor([0, 1, 1])
-    weight = torch.tensor([0.75, 0.25, 1.0])
-    target = anchors.update(tokens, slot, token, weight)
+    # anchor 0 read by both tokens, anchor 1 by token 1, anchor 2 by none
+    weight = torch.tensor([[0.75, 0.0, 0.0], [0.25, 1.0, 0.0]])
+    target = anchors.update(tokens, weight)
     torch.testing.assert_close(target[0], torch.tensor([1.5, 1.0]))
     torch.testing.assert_close(anchors.anchor_state, torch.tensor([[0.15, 0.1], [0.9, 1.3], [5.0, 5.0]]))
 

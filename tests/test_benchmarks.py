@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import ablation, exit_speed, memory, mesh_backends, speed  # noqa: E402
+from benchmarks import ablation, decode, exit_speed, memory, mesh_backends, speed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -72,9 +72,18 @@ def test_speed(tmp_path):
     for r in result["rows"]:
         assert finite_positive(r["train_tokens_per_s"], r["infer_tokens_per_s"], r["train_ms"], r["infer_ms"])
     assert all(finite_positive(r["train_ratio"], r["infer_ratio"]) for r in result["ratios"])
-    assert finite_positive(result["target_train_ratio"])
+    assert all(finite_positive(c["ratio"]) and isinstance(c["holds"], bool) for c in result["checks"])
+    assert {c["what"] for c in result["checks"]} >= {"train: anchors on / off time", "infer: anchors on / off time"}
     labels = {r["label"] for r in result["profiles"]["TMT"]["breakdown"]}
     assert {"forward", "backward", "optimizer", "mesh kNN", "anchor EMA update"} <= labels
+
+
+def test_decode(tmp_path):
+    result = run_quick(decode, tmp_path)
+    assert {(r["model"], r["B"]) for r in result["rows"]} == {
+        (m, b) for m in ("TMT", "vanilla (TMT decoder)", "GPT-2 (HF generate)") for b in (1, 2)}
+    assert all(finite_positive(r["tokens_per_s"], r["params"]) for r in result["rows"])
+    assert [c["B"] for c in result["checks"]] == [1, 2] and all(finite_positive(c["ratio"]) for c in result["checks"])
 
 
 def test_memory(tmp_path):

@@ -47,19 +47,16 @@ class MemoryAnchors(nn.Module):
         return edge_index if causal else torch.cat([edge_index, edge_index.flip(0)], dim=1)
 
     @torch.no_grad()
-    def update(self, token_state: Tensor, anchor_slot: Tensor, token_index: Tensor, weight: Tensor) -> Tensor:
-        """One EMA step from anchor -> token attention.
+    def update(self, token_state: Tensor, weight: Tensor) -> Tensor:
+        """One EMA step from token -> anchor read weights.
 
         Args:
             token_state: (N, D) states of the tokens that read the anchors.
-            anchor_slot: (E,) which anchor (0..M-1) each edge comes from.
-            token_index: (E,) the token each edge goes to.
-            weight: (E,) attention weight of the edge (e.g. mean over heads).
+            weight: (N, M) how much token ``n`` attends to anchor ``m`` (e.g. softmax over anchors).
         Returns: the per-anchor target (M, D) (zeros where no token attended).
         """
-        M, D = self.num_anchors, self.channels
-        num = token_state.new_zeros(M, D).index_add_(0, anchor_slot, weight.unsqueeze(-1) * token_state[token_index])
-        den = token_state.new_zeros(M).index_add_(0, anchor_slot, weight)
+        num = weight.t() @ token_state  # (M, D): one GEMM, no (N * M, D) gather
+        den = weight.sum(0)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num)
             dist.all_reduce(den)

@@ -34,22 +34,22 @@ def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def top_slots(sim: Tensor, allowed: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
     """Columns of the ``k`` largest allowed entries of every row of ``sim`` (..., R, C), exactly.
 
     Exact ties go to the later column (the most recent token), so the choice depends on the row's
-    own candidates only, not on how rows were blocked or batched. Returns column ids (..., R, k)
-    and their validity (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the
-    rest invalid.
+    own candidates only, not on how rows were blocked or batched. ``allowed=None``: the entries
+    not allowed are already ``-inf``. Returns column ids (..., R, k) and their validity
+    (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the rest invalid.
     """
     C = sim.size(-1)
     kk = min(k, C)
-    sim = sim.float().masked_fill(~allowed, float("-inf"))
+    sim = sim.float() if allowed is None else sim.float().masked_fill(~allowed, float("-inf"))
     kth = sim.topk(kk, dim=-1).values[..., -1:]  # the k-th largest value of each row
     # rank by (above the k-th value, column): every entry above it, then the latest of those equal
-    # to it; integers below 2**24 are exact in float32
+    # to it (none when the row has fewer than k candidates); integers below 2**24 are exact in float32
     col = torch.arange(C, device=sim.device, dtype=torch.float32)
-    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & allowed, col, -1.0))
+    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & (kth > float("-inf")), col, -1.0))
     top, index = rank.topk(kk, dim=-1)
     valid = top >= 0
     if kk < k:  # fewer columns than k: pad with invalid slots
@@ -66,9 +66,10 @@ def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256) -> Tuple[T
     index, valid = [], []
     for start in range(0, S, block_size):
         end = min(start + block_size, S)
-        sim = u[:, start:end] @ u[:, :end].transpose(1, 2)  # (B, b, end)
         past = torch.arange(end, device=u.device) < torch.arange(start, end, device=u.device).unsqueeze(1)
-        i, v = top_slots(sim, past.expand_as(sim), k)
+        future = torch.zeros(past.shape, dtype=u.dtype, device=u.device).masked_fill(~past, float("-inf"))
+        sim = torch.baddbmm(future.expand(u.size(0), -1, -1), u[:, start:end], u[:, :end].transpose(1, 2))  # (B, b, end), masked
+        i, v = top_slots(sim, None, k)
         index.append(i)
         valid.append(v)
     return torch.cat(index, 1), torch.cat(valid, 1)

@@ -15,6 +15,7 @@ from .tmt import TMTModel
 @dataclass
 class LayerCache:
     state: Tensor  # (B, capacity, D) input states of this layer (exited tokens frozen)
+    unit: Tensor  # (B, capacity, D) the same, L2-normalised: what the mesh search compares
     key: Tensor  # (B, capacity, H, C) their keys
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
@@ -44,10 +45,10 @@ class TMTCache:
         self.layers: List[LayerCache] = []
         for block, h in zip(model.blocks, out.hidden_states):
             key, value = block.attn.project_key_value(block.ln_attn(h), node_pos)
-            layer = LayerCache(h.new_zeros(B, self.capacity, h.size(1)), key.new_zeros((B, self.capacity) + key.shape[1:]),
-                               value.new_zeros((B, self.capacity) + value.shape[1:]),
+            layer = LayerCache(h.new_zeros(B, self.capacity, h.size(1)), h.new_zeros(B, self.capacity, h.size(1)),
+                               key.new_zeros((B, self.capacity) + key.shape[1:]), value.new_zeros((B, self.capacity) + value.shape[1:]),
                                (key[N:], value[N:]) if h.size(0) > N else None)
-            for cached, rows in ((layer.state, h), (layer.key, key), (layer.value, value)):
+            for cached, rows in ((layer.state, h), (layer.unit, F.normalize(h, dim=-1)), (layer.key, key), (layer.value, value)):
                 cached[data.batch, data.pos] = rows[:N]
             self.layers.append(layer)
         last = data.ptr[1:] - 1
@@ -82,9 +83,10 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
         x = block.ln_attn(h)
         key, value = block.attn.project_key_value(x, pos)
         layer.state[row, pos], layer.key[row, pos], layer.value[row, pos] = h, key, value
+        layer.unit[row, pos] = F.normalize(h, dim=-1)
         q_row, q_pos = row[active], pos[active]
         if model.mesh is not None:  # k most similar earlier states of the row, then the self slot
-            u = F.normalize(layer.state[:, :end], dim=-1)  # (B, L, D)
+            u = layer.unit[:, :end]  # (B, L, D)
             sim = torch.einsum("ad,ald->al", u[q_row, q_pos], u[q_row])  # (A, L)
             index, valid = top_slots(sim, torch.arange(end, device=ids.device) < q_pos.unsqueeze(1), model.mesh.k)
             index = torch.cat([torch.where(valid, index, q_pos.unsqueeze(1)), q_pos.unsqueeze(1)], 1)

@@ -352,9 +352,7 @@ class TMTModel(nn.Module):
         query = conv.project_query(ln(h[:num_tokens]), node_pos[:num_tokens])  # (N, H, C)
         key, _ = conv.project_key_value(ln(self.anchors.anchor_state.to(h.dtype)), node_pos.new_full((M,), -1))  # (M, H, C)
         weight = torch.einsum("nhc,mhc->nmh", query, key).div(math.sqrt(conv.out_channels)).softmax(dim=1).mean(-1)  # (N, M)
-        token = torch.arange(num_tokens, device=h.device).repeat_interleave(M)
-        slot = torch.arange(M, device=h.device).repeat(num_tokens)
-        self.anchors.update(h[:num_tokens].float(), slot, token, weight.reshape(-1).float())
+        self.anchors.update(h[:num_tokens].float(), weight.float())
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW with weight decay on weight matrices (dim >= 2) only."""
