@@ -18,7 +18,7 @@ def load(path: Path):
 @pytest.mark.parametrize("name, argv", [
     ("point_cloud", ["--dataset", "geometric_shapes"]),
     ("point_cloud", ["--dataset", "generated"]),
-    ("node_classification", ["--dataset", "cora"]),
+    ("node_classification", ["--dataset", "cora", "--models", "mesh", "gcn", "gat", "gps", "mesh_gps"]),
     ("node_classification", ["--dataset", "sbm", "--models", "mesh", "gcn"]),
 ])
 def test_example_quick(name, argv, data_dir, tmp_path):
