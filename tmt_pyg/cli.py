@@ -120,6 +120,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from a checkpoint file or run folder (bare --resume: the newest in --out, if any)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training forward (one graph for equal-length batches)")
     g.add_argument("--tensorboard", dest="tensorboard_dir", nargs="?", const=TENSORBOARD_IN_OUT, default=None, metavar="DIR",
                    help="also log the metrics to TensorBoard event files in DIR (bare --tensorboard: <--out>/tensorboard); "
                         "needs pip install 'tmt_pyg[tensorboard]'")

@@ -210,7 +210,8 @@ class TMTModel(nn.Module):
         all_tokens = torch.arange(N, device=dev)
         exit_masks, confidences, attentions, rows, states, hidden = [], [], [], [], [], []
         mesh, flops = None, 0.0
-        sample = torch.randperm(N, device=dev)[:cfg.gate_sample] if compute_loss and cfg.gate_loss == "consistency" else None
+        # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
+        sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
         for block in self.blocks:
             active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
             all_active = active_tokens.numel() == N
@@ -236,7 +237,7 @@ class TMTModel(nn.Module):
                     exited = exited.clone()
                     exited[active_tokens] |= conf.detach() > cfg.exit_threshold
                 if sample is not None:
-                    states.append(h[sample].detach())
+                    states.append(h.detach().index_select(0, sample))
         # NaN weights or an overflow: an error, not NaN logits (training leaves this to the loss
         # checks of the trainer, so that the training forward makes no host sync)
         if not self.training and not bool(torch.isfinite(h[:N]).all()):
@@ -331,10 +332,10 @@ class TMTModel(nn.Module):
         conf = torch.stack(confidences)  # (L-1, N)
         if self.config.gate_loss == "decisiveness":
             return decisiveness_loss(conf.nan_to_num(0.5), ~conf.isnan())
-        final = logits[sample].detach().argmax(-1)
+        final = logits.detach().index_select(0, sample).argmax(-1)
         losses, has = [], []
         for conf_all, state in zip(confidences, states):
-            c = conf_all[sample]
+            c = conf_all.index_select(0, sample)
             seen = ~c.isnan()
             with torch.no_grad():
                 early = self.lm_head(state).argmax(-1)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import all_reduce, wrap_ddp
 from .plots import plot_metrics, read_metrics
+from .tensorboard import make_tensorboard_logger
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N
     bf16: bool = False         # bfloat16 autocast (CPU and CUDA)
     compile: bool = False      # torch.compile the training forward (equal-length batches compile without breaks)
+    tensorboard_dir: Optional[str] = None  # also log every metric record to TensorBoard event files here
     progress: bool = True      # tqdm progress bar
     on_nonfinite: str = "stop"  # NaN/Inf loss, gradient or buffer: "stop" (raise) | "skip" (drop the update)
     rank: int = 0              # process rank; only rank 0 logs and writes checkpoints
@@ -182,6 +184,7 @@ class Trainer:
         self.is_main = cfg.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.tensorboard = make_tensorboard_logger(cfg.tensorboard_dir) if cfg.tensorboard_dir and self.is_main else None
         self.last_eval: Optional[dict] = None
 
     def state_dict(self) -> dict:
@@ -241,6 +244,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                self.tensorboard.log(record["step"], record)
 
     def _batches(self) -> Iterator:
         while True:  # the loader advances (and reshuffles) its own epoch after each pass
@@ -353,4 +358,6 @@ class Trainer:
             self.evaluate()
         if self.is_main and self.metrics_path.exists():
             plot_metrics(self.metrics_path)
+        if self.tensorboard is not None:
+            self.tensorboard.writer.flush()
         return self.last_eval
