@@ -129,7 +129,8 @@ class MeshAttentionConv(MessagePassing):
         A, S = slot_index.shape
         H, C = self.heads, self.out_channels
         # (A, S, H, C) rows gathered once; products summed in place of einsum, which would copy them
-        key_slots = key.reshape(-1, H * C)[slot_index].view(A, S, H, C)
+        flat_index = slot_index.reshape(-1)  # index_select: its backward is an index_add, not a sorting index_put
+        key_slots = key.reshape(-1, H * C).index_select(0, flat_index).view(A, S, H, C)
         score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~slot_valid.unsqueeze(-1), float("-inf"))  # (A, S, H)
         if memory is not None:
             score = torch.cat([score, torch.einsum("ahc,mhc->amh", query, memory[0])], dim=1)  # (A, S + M, H)
@@ -139,7 +140,7 @@ class MeshAttentionConv(MessagePassing):
             gamma = self.decay(pos_dst.unsqueeze(1), pos_src[slot_index])  # (A, S, H)
             alpha = torch.cat([alpha[:, :S] * gamma, alpha[:, S:]], dim=1) if memory is not None else alpha * gamma
         weights = F.dropout(alpha, p=self.dropout, training=self.training)
-        value_slots = value.reshape(-1, H * C)[slot_index].view(A, S, H, C)
+        value_slots = value.reshape(-1, H * C).index_select(0, flat_index).view(A, S, H, C)
         out = (weights[:, :S].unsqueeze(-1) * value_slots).sum(1)  # (A, H, C)
         if memory is not None:
             out = out + torch.einsum("amh,mhc->ahc", weights[:, S:], memory[1])
