@@ -9,6 +9,19 @@ from tmt_pyg.layers.mesh import equal_length_causal_knn, top_slots
 from reference import as_set, brute_force_mesh, random_batch
 
 
+def windowed_reference(x, lengths, k, window):
+    """Brute force: the window previous tokens, plus the k most similar tokens before them, plus self."""
+    u = torch.nn.functional.normalize(x, dim=-1)
+    edges, start = set(), 0
+    for n in lengths:
+        for i in range(start, start + n):
+            near = range(max(start, i - window), i)
+            best = sorted(range(start, max(start, i - window)), key=lambda j: -float(u[i] @ u[j]))[:k]
+            edges |= {(j, i) for j in list(near) + best} | {(i, i)}
+        start += n
+    return edges
+
+
 def test_top_slots_is_exact_and_gives_ties_to_the_latest_column():
     sim = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.5], [0.3, 0.2, 0.1, 0.0, -1.0]])
     allowed = torch.tensor([[True] * 5, [True, True, False, False, False]])
@@ -40,6 +53,20 @@ def test_slots_hold_the_edges(backend, causal):
         x3, b3 = random_batch([20] * 3, seed=4)
         regular, flat = mesh.slots(x3, b3, seq_len=20), mesh.slots(x3, b3)
         assert torch.equal(regular.index, flat.index) and torch.equal(regular.valid, flat.valid)
+
+
+@pytest.mark.parametrize("backend", ["dense", "cluster"])
+def test_window_slots_join_the_knn_slots(backend):
+    x, batch = random_batch([30, 9, 140], seed=6)
+    mesh = DynamicMesh(3, backend=backend, window=4)
+    slots = mesh.slots(x, batch)
+    assert slots.index.shape == (179, 3 + 4 + 1) and str(mesh).endswith("window=4)")
+    assert as_set(slots.edges()[0]) == windowed_reference(x, [30, 9, 140], 3, 4)
+    x3, b3 = random_batch([40] * 2, seed=7)
+    regular, flat = DynamicMesh(3, window=4).slots(x3, b3, seq_len=40), DynamicMesh(3, window=4).slots(x3, b3)
+    assert torch.equal(regular.index, flat.index) and torch.equal(regular.valid, flat.valid)
+    with pytest.raises(ValueError, match="causal"):
+        DynamicMesh(3, causal=False, window=2)
 
 
 def anchor_edge_reference(conv, x, slots, anchor_x, pos):
@@ -81,11 +108,11 @@ SMALL = dict(vocab_size=97, d_model=64, n_heads=4, n_layers=3, graph_k=8, ffn_st
              memory_anchors=4, max_seq_len=300, dropout=0.0, use_exit=False)
 
 
-@pytest.mark.parametrize("backend", ["dense", "cluster"])
-def test_causal_and_batch_invariant_on_every_backend(backend):
+@pytest.mark.parametrize("backend,window", [("dense", 0), ("cluster", 0), ("dense", 4), ("cluster", 4)])
+def test_causal_and_batch_invariant_on_every_backend(backend, window):
     """The issue's case: S=300, d=64, 3 layers, eval; vocab 97 repeats tokens, so exact ties abound."""
     torch.manual_seed(0)
-    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend)).eval()
+    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend, mesh_window=window)).eval()
     ids = torch.randint(0, 97, (3, 300))
     with torch.no_grad():
         together = model(ids).logits

@@ -5,7 +5,7 @@ from tmt_pyg.models.generation import TMTCache, extend, sample_next
 from test_model import CONFIGS, make_model
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window"])
 def test_incremental_equals_full(name):
     model = make_model(**CONFIGS[name])
     ids = torch.randint(0, 50, (2, 30))

@@ -12,6 +12,7 @@ CONFIGS = {
     "dense-decay-anchors": dict(use_mesh=False),
     "vanilla": dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False),
     "cluster-backend": dict(mesh_backend="cluster"),
+    "window": dict(mesh_window=3),
 }
 
 

@@ -50,6 +50,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-heads", dest="n_heads", type=int, default=d.n_heads, help="attention heads (must divide D)")
     g.add_argument("--n-layers", dest="n_layers", type=int, default=d.n_layers, help="TMT layers")
     g.add_argument("--graph-k", dest="graph_k", type=int, default=d.graph_k, help="mesh neighbours per token (kNN over past tokens)")
+    g.add_argument("--mesh-window", dest="mesh_window", type=int, default=d.mesh_window,
+                   help="previous tokens every token also reads (local window slots; 0: the pure kNN mesh)")
     g.add_argument("--memory-anchors", dest="memory_anchors", type=int, default=d.memory_anchors, help="memory anchor vectors")
     g.add_argument("--ffn-stream-dim", dest="ffn_stream_dim", type=int, default=d.ffn_stream_dim, help="hidden width of each dual-stream FFN stream")
     g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=d.mlp_dim, help="hidden width of the plain MLP (with --no-dual-stream)")

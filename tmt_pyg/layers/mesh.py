@@ -58,15 +58,16 @@ def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, T
     return index, valid
 
 
-def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256) -> Tuple[Tensor, Tensor]:
+def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: int = 0) -> Tuple[Tensor, Tensor]:
     """Exact causal kNN of ``B`` sequences of equal length, ``u`` (B, S, D) unit rows: for every
-    position the ``k`` most similar strictly earlier positions of its sequence. Static shapes, no
-    host sync. Returns positions (B, S, k) and validity (B, S, k)."""
+    position ``i`` the ``k`` most similar positions ``j < i - window`` of its sequence (the
+    ``window`` tokens just before ``i`` have slots of their own). Static shapes, no host sync.
+    Returns positions (B, S, k) and validity (B, S, k)."""
     S = u.size(1)
     index, valid = [], []
     for start in range(0, S, block_size):
         end = min(start + block_size, S)
-        past = torch.arange(end, device=u.device) < torch.arange(start, end, device=u.device).unsqueeze(1)
+        past = torch.arange(end, device=u.device) < torch.arange(start, end, device=u.device).unsqueeze(1) - window
         future = torch.zeros(past.shape, dtype=u.dtype, device=u.device).masked_fill(~past, float("-inf"))
         sim = torch.baddbmm(future.expand(u.size(0), -1, -1), u[:, start:end], u[:, :end].transpose(1, 2))  # (B, b, end), masked
         i, v = top_slots(sim, None, k)
@@ -76,11 +77,12 @@ def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256) -> Tuple[T
 
 
 def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
-             block_size: int = 256) -> Tuple[Tensor, Tensor]:
+             block_size: int = 256, window: int = 0) -> Tuple[Tensor, Tensor]:
     """Exact kNN on the flat node array (graphs of any lengths, no padding) by blockwise
     ``matmul + topk``: for a block of sorted queries the candidates are the contiguous span from
-    the start of the first query's graph to the last query (causal) or to the end of the last
-    query's graph, so memory is O(block_size * span). Returns node ids (Q, k) and validity (Q, k)."""
+    the start of the first query's graph to the last query (causal: nodes ``j < i - window``) or to
+    the end of the last query's graph, so memory is O(block_size * span). Returns node ids (Q, k)
+    and validity (Q, k)."""
     index, valid = [], []
     for s in range(0, query.numel(), block_size):
         q = query[s:s + block_size]
@@ -88,7 +90,7 @@ def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query:
         hi = max(int(q[-1]) if causal else int(ptr[batch[q[-1]] + 1]), lo + 1)
         keys = torch.arange(lo, hi, device=u.device)
         allowed = batch[keys].unsqueeze(0) == batch[q].unsqueeze(1)
-        allowed &= (keys.unsqueeze(0) < q.unsqueeze(1)) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
+        allowed &= (keys.unsqueeze(0) < q.unsqueeze(1) - window) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
         i, v = top_slots(u[q] @ u[lo:hi].t(), allowed, k)
         index.append(i + lo)
         valid.append(v)
@@ -96,13 +98,14 @@ def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query:
 
 
 def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
-                chunk_size: int = 128) -> Tuple[Tensor, Tensor]:
+                chunk_size: int = 128, window: int = 0) -> Tuple[Tensor, Tensor]:
     """kNN through torch-cluster; returns node ids (Q, k) and validity (Q, k) like :func:`flat_knn`.
 
-    Causal: per chunk of positions, ``torch_cluster.knn`` proposes ``k`` candidates from the
-    strictly-past prefix of each sequence and a masked dense top-k ``k`` from inside the chunk.
-    The ``2k`` candidates of a query are then ranked by the same exact similarity and tie rule as
-    the dense backend, so the result depends on the query's own sequence and past only.
+    Causal: per chunk of positions, ``torch_cluster.knn`` proposes ``k + window`` candidates from
+    the strictly-past prefix of each sequence (at most ``window`` of them fall in the query's
+    window and are dropped) and a masked dense top-k ``k`` more from inside the chunk. The
+    candidates of a query are then ranked by the same exact similarity and tie rule as the dense
+    backend, so the result depends on the query's own sequence and past only.
     """
     Q = query.numel()
     if not causal:
@@ -115,7 +118,7 @@ def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, que
         cand[dst, rank] = src
         return rank_candidates(u, cand[query], query, k)
     pos = torch.arange(u.size(0), device=u.device) - ptr[batch]
-    cand = torch.full((Q, 2 * k), -1, dtype=torch.long, device=u.device)
+    cand = torch.full((Q, 2 * k + window), -1, dtype=torch.long, device=u.device)
     qpos = pos[query]
     for c0 in range(0, int(qpos.max()) + 1, chunk_size):
         rows = ((qpos >= c0) & (qpos < c0 + chunk_size)).nonzero().view(-1)
@@ -124,17 +127,25 @@ def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, que
         chunk_q = query[rows]
         if c0 > 0:  # candidates from the strictly-past prefix of each sequence
             past = (pos < c0).nonzero().view(-1)
-            qi, pj = torch_cluster.knn(u[past], u[chunk_q], k, batch[past], batch[chunk_q])
+            qi, pj = torch_cluster.knn(u[past], u[chunk_q], k + window, batch[past], batch[chunk_q])
             order = qi.argsort(stable=True)
             qi, pj = qi[order], pj[order]
             rank = torch.arange(qi.numel(), device=u.device) - ptr_of_sorted(qi, rows.numel())[qi]
-            cand[rows[qi], rank] = past[pj]
+            outside = pos[past[pj]] < pos[chunk_q[qi]] - window
+            cand[rows[qi], rank] = torch.where(outside, past[pj], -1)
         chunk = ((pos >= c0) & (pos < c0 + chunk_size)).nonzero().view(-1)  # candidates inside the chunk
         chunk_batch = batch[chunk]
         i, v = flat_knn(u[chunk], chunk_batch, batch_to_ptr(chunk_batch, ptr.numel() - 1), k, True,
-                        torch.searchsorted(chunk, chunk_q))
-        cand[rows, k:] = torch.where(v, chunk[i], -1)
+                        torch.searchsorted(chunk, chunk_q), window=window)
+        cand[rows, k + window:] = torch.where(v, chunk[i], -1)
     return rank_candidates(u, cand, query, k)
+
+
+def window_slots(target: Tensor, target_pos: Tensor, window: int) -> Tuple[Tensor, Tensor]:
+    """The ``window`` nodes just before every target (Q,) at position ``target_pos`` (Q,) in its
+    sequence: ids (Q, window) from the farthest to the nearest, valid where inside the sequence."""
+    back = torch.arange(window, 0, -1, device=target.device)
+    return target.unsqueeze(1) - back, target_pos.unsqueeze(1) >= back
 
 
 def ptr_of_sorted(index: Tensor, size: int) -> Tensor:
@@ -164,9 +175,12 @@ class DynamicMesh(torch.nn.Module):
       order), exactly: the neighbour set of ``i`` depends on nodes ``<= i`` only.
     * ``causal=False``: any other node of the graph.
 
-    The mesh has a fixed in-degree, so :meth:`slots` hands it out as a ``(Q, k + 1)`` neighbour
-    table (:class:`MeshSlots`), the layout the attention's fast path reads; :meth:`forward` gives
-    the same mesh as PyG edges.
+    * ``window=w`` (causal only): the ``w`` tokens just before ``i`` are neighbours as well, and the
+      ``k`` similar ones are searched among the tokens before them (the two groups never overlap).
+
+    The mesh has a fixed in-degree, so :meth:`slots` hands it out as a ``(Q, k + w + 1)`` neighbour
+    table (:class:`MeshSlots`: kNN slots, window slots, self slot), the layout the attention's fast
+    path reads; :meth:`forward` gives the same mesh as PyG edges.
 
     Args:
         k (int): number of neighbours per node (without the self slot).
@@ -175,6 +189,7 @@ class DynamicMesh(torch.nn.Module):
             on CUDA), ``"dense"`` (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for
             low-dimensional bidirectional points, dense otherwise; see the README for the measurement).
         block_size (int): query rows per block of the dense backend.
+        window (int): previous tokens every token also reads (a local window; 0: the pure kNN mesh).
 
     Shapes:
         input: ``x`` (N, D), ``batch`` (N,) sorted, optional ``query_index`` (Q,) sorted node ids
@@ -183,10 +198,15 @@ class DynamicMesh(torch.nn.Module):
     """
 
     def __init__(self, k: int, causal: bool = True, backend: str = "auto", block_size: int = 256,
-                 low_dim_threshold: int = 8):
+                 low_dim_threshold: int = 8, window: int = 0):
         super().__init__()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ValueError(f"window (mesh_window) must be an integer >= 0, got {window!r}")
+        if window and not causal:
+            raise ValueError("a local window of previous tokens needs a causal mesh (causal=True)")
+        self.window = window
         if backend not in BACKENDS:
             raise ValueError(f"unknown mesh backend {backend!r}; choose one of {BACKENDS}")
         self.k, self.causal, self.backend = k, causal, backend
@@ -212,18 +232,26 @@ class DynamicMesh(torch.nn.Module):
         if target.numel() == 0:  # every token exited
             index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
         elif seq_len is not None and query_index is None and self.causal and backend == "dense":
-            pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size)
+            pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window)
             start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
         else:
             batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
             ptr = batch_to_ptr(batch)
             knn = flat_knn if backend == "dense" else cluster_knn
-            index, valid = knn(u, batch, ptr, self.k, self.causal, target, **({"block_size": self.block_size} if knn is flat_knn else {}))
-        index = torch.where(valid, index, target.unsqueeze(1))
-        index = torch.cat([index, target.unsqueeze(1)], 1)
-        valid = torch.cat([valid, valid.new_ones(target.numel(), 1)], 1)
-        return MeshSlots(index, valid, target, u)
+            index, valid = knn(u, batch, ptr, self.k, self.causal, target, window=self.window,
+                               **({"block_size": self.block_size} if knn is flat_knn else {}))
+        groups = [(index, valid)]
+        if self.window:
+            if seq_len is not None:
+                target_pos = target % seq_len
+            else:
+                batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
+                target_pos = target - batch_to_ptr(batch)[batch[target]]
+            groups.append(window_slots(target, target_pos, self.window))
+        groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
+        index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
+        return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u)
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,
                 query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -257,4 +285,5 @@ class DynamicMesh(torch.nn.Module):
         return self.slots(x, batch, query_index).edges()
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r})"
+        window = f", window={self.window}" if self.window else ""
+        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r}{window})"

@@ -14,6 +14,7 @@ class TMTConfig:
     n_heads: int = 8  # attention heads; head width D / n_heads
     n_layers: int = 4  # TMT layers
     graph_k: int = 8  # mesh neighbours per token (the self edge comes on top)
+    mesh_window: int = 0  # previous tokens every token also reads (local window slots; 0: pure kNN mesh)
     decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
     exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
     dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
@@ -48,6 +49,8 @@ class TMTConfig:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "graph_k", "max_seq_len", "ffn_stream_dim",
                      "mlp_dim", "gate_sample"):
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.mesh_window >= 0, f"mesh_window must be >= 0, got {self.mesh_window}")
+        need(self.mesh_window == 0 or self.causal, "mesh_window (a window of previous tokens) needs causal=True")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         need(not self.rope or (self.d_model // self.n_heads) % 2 == 0, "rope needs an even head width")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.batching import TokenInput, pack_tokens
-from ..layers.mesh import top_slots
+from ..layers.mesh import top_slots, window_slots
 from .tmt import TMTModel
 
 
@@ -88,9 +88,12 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
         if model.mesh is not None:  # k most similar earlier states of the row, then the self slot
             u = layer.unit[:, :end]  # (B, L, D)
             sim = torch.einsum("ad,ald->al", u[q_row, q_pos], u[q_row])  # (A, L)
-            index, valid = top_slots(sim, torch.arange(end, device=ids.device) < q_pos.unsqueeze(1), model.mesh.k)
-            index = torch.cat([torch.where(valid, index, q_pos.unsqueeze(1)), q_pos.unsqueeze(1)], 1)
-            valid = torch.cat([valid, valid.new_ones(valid.size(0), 1)], 1)
+            w = model.mesh.window
+            index, valid = top_slots(sim, torch.arange(end, device=ids.device) < q_pos.unsqueeze(1) - w, model.mesh.k)
+            window, in_window = window_slots(q_pos, q_pos, w)  # positions before the query, kNN slots, self
+            index = torch.cat([index, window, q_pos.unsqueeze(1)], 1)
+            valid = torch.cat([valid, in_window, valid.new_ones(valid.size(0), 1)], 1)
+            index = torch.where(valid, index, q_pos.unsqueeze(1))
         else:  # dense: every earlier position of the row
             index = torch.arange(end, device=ids.device).expand(active.numel(), -1)
             valid = index <= q_pos.unsqueeze(1)

@@ -130,7 +130,8 @@ class TMTModel(nn.Module):
         self.wpe = None if cfg.rope else nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.embed_scale = math.sqrt(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.mesh = DynamicMesh(cfg.graph_k, causal=cfg.causal, backend=cfg.mesh_backend) if cfg.use_mesh else None
+        self.mesh = (DynamicMesh(cfg.graph_k, causal=cfg.causal, backend=cfg.mesh_backend, window=cfg.mesh_window)
+                     if cfg.use_mesh else None)
         self.anchors = (MemoryAnchors(cfg.memory_anchors, cfg.d_model, cfg.anchor_momentum, init_std=0.02 * self.embed_scale)
                         if cfg.use_anchors else None)
         # no gate after the last layer: there is no later layer to skip
