@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import ablation, decode, exit_speed, memory, mesh_backends, speed  # noqa: E402
+from benchmarks import ablation, decode, exit_speed, memory, mesh_backends, recall, speed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,24 @@ def test_decode(tmp_path):
         (m, b) for m in ("TMT", "vanilla (TMT decoder)", "GPT-2 (HF generate)") for b in (1, 2)}
     assert all(finite_positive(r["tokens_per_s"], r["params"]) for r in result["rows"])
     assert [c["B"] for c in result["checks"]] == [1, 2] and all(finite_positive(c["ratio"]) for c in result["checks"])
+
+
+def test_recall(tmp_path):
+    result = run_quick(recall, tmp_path)
+    assert {r["model"] for r in result["rows"]} == {"vanilla", "mesh (pure kNN)", "mesh + window 8"}
+    params = {r["params"] for r in result["rows"]}
+    assert max(params) / min(params) < 1.02
+    assert all(0 <= r["accuracy"] <= 1 and finite_positive(r["loss"]) for r in result["rows"])
+
+
+def test_mqar_sequences_hold_their_answers():
+    ids, answer = recall.mqar_batch(16, 40, 6, 64, torch.Generator().manual_seed(0))
+    assert int(answer.sum()) == 16 * 6 and not bool(answer[:, :12].any())
+    for row, mask in zip(ids, answer):
+        pairs = dict(zip(row[0:12:2].tolist(), row[1:12:2].tolist()))
+        asked = row[mask].tolist()
+        assert sorted(asked) == sorted(pairs) and all(row[i + 1] == pairs[int(row[i])] for i in mask.nonzero().view(-1))
+        assert all(32 <= v < 64 for v in pairs.values()) and all(1 <= k < 32 for k in pairs)
 
 
 def test_memory(tmp_path):
