@@ -277,7 +277,7 @@ class TMTModel(nn.Module):
     def _attention(self, conv: MeshAttentionConv, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: "LayerInput",
                    with_weights: bool) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
         """Attention output of the active rows (active tokens, then every anchor row): the mesh is
-        built from the states ``h`` (N + R, D), attention reads their normalised form ``x``.
+        built from the states ``h`` (N + R, D), attention reads their layer-normed form ``x``.
         Returns the output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
         (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
         kNN pairs scored (for the FLOP count)."""
