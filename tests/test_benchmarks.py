@@ -113,7 +113,7 @@ def test_memory(tmp_path):
     assert all(math.isfinite(v) and v >= 0 for v in result["ratios"].values())
 
 
-def test_ablation(tmp_path):
+def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared corpora are missing
     result = run_quick(ablation, tmp_path)
     rows = result["rows"]
     assert list(rows) == list(ablation.ROWS)
