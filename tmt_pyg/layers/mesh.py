@@ -229,26 +229,24 @@ class DynamicMesh(torch.nn.Module):
         u = F.normalize(x.detach(), dim=-1)
         target = torch.arange(N, device=x.device) if query_index is None else query_index
         backend = self.resolve_backend(x.size(1))
+        regular = seq_len is not None and query_index is None and self.causal and backend == "dense"
+        if not regular or self.window:  # the flat search and the window slots need each graph's start
+            if batch is None:
+                batch = torch.arange(N, device=x.device) // (seq_len or N)
+            ptr = batch_to_ptr(batch)
         if target.numel() == 0:  # every token exited
             index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
-        elif seq_len is not None and query_index is None and self.causal and backend == "dense":
+        elif regular:
             pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window)
             start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
         else:
-            batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
-            ptr = batch_to_ptr(batch)
             knn = flat_knn if backend == "dense" else cluster_knn
             index, valid = knn(u, batch, ptr, self.k, self.causal, target, window=self.window,
                                **({"block_size": self.block_size} if knn is flat_knn else {}))
         groups = [(index, valid)]
         if self.window:
-            if seq_len is not None:
-                target_pos = target % seq_len
-            else:
-                batch = x.new_zeros(N, dtype=torch.long) if batch is None else batch
-                target_pos = target - batch_to_ptr(batch)[batch[target]]
-            groups.append(window_slots(target, target_pos, self.window))
+            groups.append(window_slots(target, target - ptr[batch[target]], self.window))
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
         return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u)

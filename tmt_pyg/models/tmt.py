@@ -73,14 +73,15 @@ class LayerInput:
         return int((lengths[self.tok_batch[active_tokens]] - 1).sum())
 
 
-def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor) -> Tuple[Tensor, Tensor]:
+def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
     """Slot attention ``alpha`` (A, S + M, H) as PyG edges ``(edge_index (2, E), alpha (E, H))``:
-    the valid slots, then anchor -> token, then the anchors' self edges (weight 1)."""
+    the valid slots, then anchor -> token (every token reads the same M rows), then the anchors'
+    self edges (weight 1)."""
     S, M, H = mesh.index.size(1), anchor_nodes.numel(), alpha.size(2)
     edge_index, _ = mesh.edges()
     weights = alpha[:, :S][mesh.valid]  # (E, H)
     if M:
-        anchor_edges = torch.stack([anchor_nodes.repeat(mesh.target.numel()), mesh.target.repeat_interleave(M)])
+        anchor_edges = anchors.edges(mesh.target, torch.zeros_like(mesh.target), int(anchor_nodes[0]), causal=True)
         edge_index = torch.cat([edge_index, anchor_edges, anchor_nodes.expand(2, -1)], 1)
         weights = torch.cat([weights, alpha[:, S:].reshape(-1, H), alpha.new_ones(M, H)])
     return edge_index, weights
@@ -293,7 +294,7 @@ class TMTModel(nn.Module):
             memory = (key[N:], value[N:]) if R else None
             if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
                 out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
-                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes) if with_weights else None
+                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes, self.anchors) if with_weights else None
             else:
                 out = dense_causal_attention(conv, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
                                              active_tokens, ctx.seq_len, memory)
