@@ -204,8 +204,10 @@ class TMTModel(nn.Module):
         node_pos = torch.cat([pos, pos.new_full((R,), -1)])
         if self.anchors is not None:
             h = torch.cat([h, self.anchors.expand(copies).to(h.dtype)])
-            if self.training:
-                self._update_anchors(h, N, node_pos, tok_batch)
+            if self.training and not cfg.causal:  # causal: from layer 0's own query and anchor keys (_attention)
+                conv, x0, M = self.blocks[0].attn, self.blocks[0].ln_attn(h), self.anchors.num_anchors
+                self._update_anchors(h[:N], conv.project_query(x0[:N], pos),
+                                     conv.project_key_value(x0[N:N + M], node_pos[N:N + M])[0])
         ctx = LayerInput(pos, node_pos, tok_batch, anchor_nodes, B, seq_len)
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -214,12 +216,13 @@ class TMTModel(nn.Module):
         mesh, flops = None, 0.0
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
             all_active = active_tokens.numel() == N
             exit_masks.append(exited)
             hidden.append(h)
-            attn, alpha, mesh, edges, pairs = self._attention(block.attn, h, block.ln_attn(h), active_tokens, ctx, return_attention_weights)
+            attn, alpha, mesh, edges, pairs = self._attention(block.attn, h, block.ln_attn(h), active_tokens, ctx, return_attention_weights,
+                                                              update_anchors=layer == 0 and self.training)
             if all_active:
                 h_active = h = block(h, attn)
             else:
@@ -276,12 +279,14 @@ class TMTModel(nn.Module):
         return out
 
     def _attention(self, conv: MeshAttentionConv, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: "LayerInput",
-                   with_weights: bool) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
+                   with_weights: bool, update_anchors: bool = False
+                   ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
         """Attention output of the active rows (active tokens, then every anchor row): the mesh is
         built from the states ``h`` (N + R, D), attention reads their layer-normed form ``x``.
         Returns the output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
         (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
-        kNN pairs scored (for the FLOP count)."""
+        kNN pairs scored (for the FLOP count). ``update_anchors``: take the anchors' EMA step from
+        this layer's query and anchor keys (causal layer 0 in training)."""
         cfg, N, R = self.config, ctx.pos.numel(), ctx.anchor_nodes.numel()
         A = active_tokens.numel()
         all_active = A == N
@@ -292,6 +297,8 @@ class TMTModel(nn.Module):
             key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
             query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
             memory = (key[N:], value[N:]) if R else None
+            if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
+                self._update_anchors(h[:N], query, key[N:])
             if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
                 out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
                 pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes, self.anchors) if with_weights else None
@@ -346,16 +353,14 @@ class TMTModel(nn.Module):
         return masked_mean(torch.stack(losses), torch.stack(has))  # mean over the layers that scored tokens
 
     @torch.no_grad()
-    def _update_anchors(self, h: Tensor, num_tokens: int, node_pos: Tensor, tok_batch: Tensor) -> None:
-        """EMA step: token ``i`` spreads weight 1 over the anchors by its layer-0 attention scores
-        (softmax over the anchors, mean over heads); each anchor moves towards the weighted mean of
-        the token states (embeddings) that attend to it."""
-        conv, ln = self.blocks[0].attn, self.blocks[0].ln_attn
-        M = self.anchors.num_anchors
-        query = conv.project_query(ln(h[:num_tokens]), node_pos[:num_tokens])  # (N, H, C)
-        key, _ = conv.project_key_value(ln(self.anchors.anchor_state.to(h.dtype)), node_pos.new_full((M,), -1))  # (M, H, C)
-        weight = torch.einsum("nhc,mhc->nmh", query, key).div(math.sqrt(conv.out_channels)).softmax(dim=1).mean(-1)  # (N, M)
-        self.anchors.update(h[:num_tokens].float(), weight.float())
+    def _update_anchors(self, tokens: Tensor, query: Tensor, anchor_key: Tensor) -> None:
+        """EMA step: token ``i`` (state ``tokens[i]``, layer-0 query ``query[i]`` (H, C)) spreads
+        weight 1 over the anchors by its attention scores against their layer-0 keys ``anchor_key``
+        (M, H, C) (softmax over the anchors, mean over heads); each anchor moves towards the
+        weighted mean of the token states (embeddings) that attend to it."""
+        scale = math.sqrt(query.size(-1))
+        weight = torch.einsum("nhc,mhc->nmh", query, anchor_key).div(scale).softmax(dim=1).mean(-1)  # (N, M)
+        self.anchors.update(tokens.float(), weight.float())
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW with weight decay on weight matrices (dim >= 2) only."""
