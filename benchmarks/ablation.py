@@ -18,10 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 from tmt_pyg.data import SequenceLoader
-from tmt_pyg.train import TrainConfig, evaluate, load_checkpoint
+from tmt_pyg.train import TrainConfig, evaluate, evaluate_at_threshold, load_checkpoint
 
 from .common import base_parser, finish, markdown_table, new_figure, setup
-from .wikitext import DEFAULT_DATA, describe, eval_at_threshold, load_wikitext, train_lm
+from .wikitext import DEFAULT_DATA, describe, load_wikitext, train_lm
 
 NAME = "ablation"
 OFF = dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
@@ -75,7 +75,7 @@ def add_exits_off(result: Dict, cfg: TMTConfig, runs_dir: Path, test: SequenceLo
     folder = run_dir(runs_dir, result["row"], result["seed"])
     model = TMTModel(cfg)
     model.load_state_dict(load_checkpoint(folder)["model"])
-    result["test_exits_off"] = eval_at_threshold(model, test, None)
+    result["test_exits_off"] = evaluate_at_threshold(model, test, None)
     folder.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

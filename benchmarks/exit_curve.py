@@ -7,10 +7,10 @@ on a fixed token budget, then evaluated at exit thresholds 0.5 ... 0.95 (and wit
 from pathlib import Path
 
 from tmt_pyg import TMTConfig
-from tmt_pyg.train import TrainConfig
+from tmt_pyg.train import TrainConfig, evaluate_at_threshold
 
 from .common import base_parser, finish, markdown_table, new_figure, setup
-from .wikitext import DEFAULT_DATA, describe, eval_at_threshold, load_wikitext, train_lm
+from .wikitext import DEFAULT_DATA, describe, load_wikitext, train_lm
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 OBJECTIVES = ("consistency", "decisiveness")
@@ -38,7 +38,7 @@ def main(argv=None):
                             eval_every=0, out_dir=str((args.out if args.quick else Path("runs")) / f"exit_curve_{objective}"), seed=args.seed,
                             device="cpu", progress=not args.quick)
         run = train_lm(cfg, data, train, val_tokens)
-        points = [(t, eval_at_threshold(run["model"], run["val_loader"], t)) for t in (None,) + THRESHOLDS]
+        points = [(t, evaluate_at_threshold(run["model"], run["val_loader"], t)) for t in (None,) + THRESHOLDS]
         runs[objective] = {**describe(cfg, train), "train_seconds": run["train_seconds"], "train_tokens": run["tokens"],
                            "points": [{"threshold": t, **m} for t, m in points]}
         base_ppl = points[0][1]["ppl"]

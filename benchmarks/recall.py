@@ -57,13 +57,20 @@ def recall_loss(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -
 
 
 def model_configs(size: Dict, window: int) -> Dict[str, TMTConfig]:
-    """Vanilla, the seed's pure mesh, and the mesh with a window; all without exits, anchors or
-    decay (the recall mechanism under test is the attention graph), widths matched to the mesh's."""
-    mesh = TMTConfig.vanilla(use_mesh=True, **size)
-    configs = {"vanilla": TMTConfig.vanilla(**size), "mesh (pure kNN)": mesh,
-               f"mesh + window {window}": TMTConfig.vanilla(use_mesh=True, mesh_window=window, **size)}
-    target = count_parameters(mesh)
+    """Vanilla, the seed's pure mesh (state similarity) and the mesh variants: a window of previous
+    tokens, the attention similarity (queries search keys), both. All without exits, anchors or
+    decay (the recall mechanism under test is the attention graph); every mesh variant has the
+    pure mesh's parameters, vanilla's MLP width is matched to them."""
+    mesh = dict(size, use_mesh=True)
+    configs = {"vanilla": TMTConfig.vanilla(**size), "mesh (pure kNN)": TMTConfig.vanilla(**mesh),
+               f"mesh + window {window}": TMTConfig.vanilla(**mesh, mesh_window=window),
+               "attention mesh": TMTConfig.vanilla(**mesh, mesh_similarity="attention"),
+               f"attention mesh + window {window}": TMTConfig.vanilla(**mesh, mesh_similarity="attention", mesh_window=window)}
+    target = count_parameters(configs["mesh (pure kNN)"])
     return {name: match_parameters(cfg, target) for name, cfg in configs.items()}
+
+
+MODELS = ("vanilla", "state", "state-window", "attention", "attention-window")  # --models keys, in model_configs order
 
 
 def train_run(cfg: TMTConfig, seq_len: int, pairs: int, steps: int, lr: float, batch_size: int, seed: int,
@@ -97,7 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="learning rates swept for every model")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--window", type=int, default=8, help="window of the mesh variant")
+    parser.add_argument("--window", type=int, default=8, help="window of the mesh variants")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="vanilla, the pure (state) mesh, state mesh + window, attention mesh, attention mesh + window")
     parser.add_argument("--runs", type=Path, default=Path("runs/recall"), help="cache of finished runs")
     args = parser.parse_args(argv)
     size = dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, graph_k=8, dropout=0.0, rope=True)
@@ -110,7 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     rows = []
     for S, pairs in points:
         cfgs = model_configs({**size, "max_seq_len": S}, args.window)
-        for name, cfg in cfgs.items():
+        for key, (name, cfg) in zip(MODELS, cfgs.items()):
+            if key not in args.models:
+                continue
             best = None
             for lr in args.lrs:
                 key = f"S{S}_p{pairs}_{name.replace(' ', '_')}_lr{lr:g}_steps{args.steps}_b{args.batch_size}_seed{args.seed}"

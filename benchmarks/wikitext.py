@@ -2,7 +2,7 @@
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
@@ -36,14 +36,3 @@ def train_lm(cfg: TMTConfig, data: Dict, train: TrainConfig, val_tokens: int) ->
 
 def describe(cfg: TMTConfig, train: TrainConfig) -> Dict:
     return {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train)}
-
-
-def eval_at_threshold(model: TMTModel, loader: SequenceLoader, threshold: Optional[float]) -> Dict:
-    """Validation metrics with exits at ``threshold`` (None: exits off)."""
-    saved = model.config.exit_threshold, model.config.use_exit
-    model.config.use_exit = threshold is not None and saved[1]
-    model.config.exit_threshold = threshold if threshold is not None else saved[0]
-    try:
-        return evaluate(model, loader)
-    finally:
-        model.config.exit_threshold, model.config.use_exit = saved

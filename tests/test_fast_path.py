@@ -108,11 +108,12 @@ SMALL = dict(vocab_size=97, d_model=64, n_heads=4, n_layers=3, graph_k=8, ffn_st
              memory_anchors=4, max_seq_len=300, dropout=0.0, use_exit=False)
 
 
-@pytest.mark.parametrize("backend,window", [("dense", 0), ("cluster", 0), ("dense", 4), ("cluster", 4)])
-def test_causal_and_batch_invariant_on_every_backend(backend, window):
+@pytest.mark.parametrize("backend,window,similarity", [("dense", 0, "state"), ("cluster", 0, "state"), ("dense", 4, "state"),
+                                                       ("cluster", 4, "state"), ("dense", 4, "attention"), ("cluster", 0, "attention")])
+def test_causal_and_batch_invariant_on_every_backend(backend, window, similarity):
     """The issue's case: S=300, d=64, 3 layers, eval; vocab 97 repeats tokens, so exact ties abound."""
     torch.manual_seed(0)
-    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend, mesh_window=window)).eval()
+    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend, mesh_window=window, mesh_similarity=similarity)).eval()
     ids = torch.randint(0, 97, (3, 300))
     with torch.no_grad():
         together = model(ids).logits

@@ -5,7 +5,7 @@ from tmt_pyg.models.generation import TMTCache, extend, sample_next
 from test_model import CONFIGS, make_model
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window", "attention-mesh"])
 def test_incremental_equals_full(name):
     model = make_model(**CONFIGS[name])
     ids = torch.randint(0, 50, (2, 30))
@@ -18,7 +18,7 @@ def test_incremental_equals_full(name):
     torch.testing.assert_close(chunk, full[:, 25:30], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh"])
 def test_prompts_of_different_lengths_decode_together(name):
     """Rows of a batch decode together from prompts of different lengths; each row's logits equal a
     full forward over that row alone."""

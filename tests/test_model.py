@@ -13,6 +13,7 @@ CONFIGS = {
     "vanilla": dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False),
     "cluster-backend": dict(mesh_backend="cluster"),
     "window": dict(mesh_window=3),
+    "attention-mesh": dict(mesh_similarity="attention", mesh_window=2, exit_threshold=0.6),
 }
 
 

@@ -42,7 +42,7 @@ def existing_dir(text: str) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from .layers.mesh import BACKENDS
-    from .models.config import GATE_LOSSES, TMTConfig
+    from .models.config import GATE_LOSSES, MESH_SIMILARITIES, TMTConfig
 
     d = TMTConfig()
     g = p.add_argument_group("model (TMTConfig)")
@@ -52,6 +52,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-k", dest="graph_k", type=int, default=d.graph_k, help="mesh neighbours per token (kNN over past tokens)")
     g.add_argument("--mesh-window", dest="mesh_window", type=int, default=d.mesh_window,
                    help="previous tokens every token also reads (local window slots; 0: the pure kNN mesh)")
+    g.add_argument("--mesh-similarity", dest="mesh_similarity", choices=MESH_SIMILARITIES, default=d.mesh_similarity,
+                   help="what the kNN mesh compares: token states (the seed's mesh) or each layer's queries against its keys")
     g.add_argument("--memory-anchors", dest="memory_anchors", type=int, default=d.memory_anchors, help="memory anchor vectors")
     g.add_argument("--ffn-stream-dim", dest="ffn_stream_dim", type=int, default=d.ffn_stream_dim, help="hidden width of each dual-stream FFN stream")
     g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=d.mlp_dim, help="hidden width of the plain MLP (with --no-dual-stream)")
@@ -68,6 +70,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit", dest="use_exit", action=bool_flag, default=d.use_exit, help="per-token exit gates")
     g.add_argument("--anchors", dest="use_anchors", action=bool_flag, default=d.use_anchors, help="memory anchors")
     g.add_argument("--dual-stream", dest="dual_stream", action=bool_flag, default=d.dual_stream, help="dual-stream FFN (--no-dual-stream: plain MLP)")
+    g.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=d.exit_loss_weight,
+                   help="weight of the early-exit LM loss (every earlier layer predicts through the shared head)")
     g.add_argument("--gate-detach", dest="gate_detach", action=bool_flag, default=d.gate_detach,
                    help="gates read detached states, so their loss does not train the trunk")
     g.add_argument("--rope", action=bool_flag, default=d.rope, help="rotary positions (--no-rope: learned absolute positions)")
@@ -86,7 +90,8 @@ def add_runtime_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 def add_data_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DEFAULT_TOKENIZER), default="synthetic" if defaults else None,
-                   help="corpus: 'synthetic' is embedded (no download); 'text' reads --data-dir/{train,valid,test}.txt")
+                   help="corpus: 'synthetic' is embedded and 'tinyshakespeare' ships with the package (no download); "
+                        "'text' reads --data-dir/{train,valid,test}.txt")
     g.add_argument("--data-dir", dest="data_dir", type=existing_dir, default=None,
                    help="folder with train.txt / valid.txt / test.txt (offline); without it WikiText comes from the HF hub")
     if defaults:
@@ -112,6 +117,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=count, default=d.warmup, help="linear warmup steps")
     g.add_argument("--weight-decay", dest="weight_decay", type=number(float, 0), default=d.weight_decay, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad-clip", dest="grad_clip", type=number(float, 0), default=d.grad_clip, help="max gradient norm (0: off)")
+    g.add_argument("--clip-gates-apart", dest="clip_gates_apart", action=argparse.BooleanOptionalAction, default=d.clip_gates_apart,
+                   help="clip the exit gates' gradients to their own norm, apart from the trunk's")
     g.add_argument("--eval-every", dest="eval_every", type=count, default=d.eval_every, help="steps between evaluations")
     g.add_argument("--eval-batches", dest="eval_batches", type=count, default=d.eval_batches, help="validation batches per evaluation (0: all)")
     g.add_argument("--ckpt-every", dest="ckpt_every", type=count, default=d.ckpt_every, help="steps between checkpoints (0: at each evaluation)")
@@ -275,6 +282,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"checkpoint step {state['step']} | {args.split}: {result['targets']:,} target tokens\n"
               f"loss {result['loss']:.4f} | {summary(result)}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, calibrate_threshold, find_checkpoint
+
+    set_threads(args.threads)
+    model, tok, state = load_model(args.checkpoint, args.device)
+    data_spec, trained = state["extra"]["data"], state["train_config"]
+    cfg = TrainConfig(seq_len=trained["seq_len"], batch_size=trained["batch_size"])
+    _, data = load_data(data_spec["dataset"], data_spec["data_dir"], (args.split,), tok, synthetic_tokens=data_spec["synthetic_tokens"])
+    try:
+        result = calibrate_threshold(model, make_loader(*data[args.split], cfg, False), args.tolerance, args.max_batches)
+    except ValueError as e:
+        args.subparser.error(str(e))
+    base, tau = result["exits_off"], result["threshold"]
+    for p in result["points"]:
+        print(f"tau {p['threshold']:.4f}: loss {p['loss']:.4f} ({p['loss'] / base['loss'] - 1:+.2%}) | "
+              f"exit rate {p['exit_rate']:.3f} | work fraction {p['work_fraction']:.3f}")
+    print(f"exits off: loss {base['loss']:.4f}; limit {result['loss_limit']:.4f} (+{args.tolerance:.1%})")
+    if tau is None:
+        print("no threshold keeps the loss within the tolerance: tau set to 1.0 (no token exits)")
+    tau = 1.0 if tau is None else tau
+    state["model_config"]["exit_threshold"] = tau
+    state["calibration"] = {k: v for k, v in result.items() if k != "threshold"} | {"threshold": tau, "split": args.split}
+    file = find_checkpoint(args.checkpoint)
+    tmp = file.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(file)  # atomic: eval and generate now run with this tau
+    print(f"tau = {tau:.4f} stored in {file}")
     return 0
 
 
@@ -445,6 +482,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_runtime_args(p, seed=False)
     p.set_defaults(run=cmd_eval)
+
+    p = sub("calibrate", "pick the exit threshold tau of a checkpoint on held-out data",
+            "Choose the lowest exit threshold (the most exits) whose loss on the split stays within --tolerance of the\n"
+            "loss with exits off, and store it in the checkpoint: eval and generate then use it.",
+            "  tmt-pyg calibrate runs/shakespeare --tolerance 0.02",
+            usage="%(prog)s CHECKPOINT [options]")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest checkpoint)")
+    p.add_argument("--tolerance", type=number(float, 0), default=0.02, help="allowed relative loss rise (0.02: 2%%)")
+    p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split to calibrate on")
+    p.add_argument("--max-batches", dest="max_batches", type=int, default=0, help="batches per evaluation (0: all)")
+    add_runtime_args(p, seed=False)
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub("generate", "sample text from a checkpoint",
             "Continue a prompt with a trained model (temperature / top-k / nucleus sampling).",

@@ -7,6 +7,7 @@ from .synthetic import associative_recall_corpus
 from .text import CharVocab, WordVocab, load_text_splits
 from .tokenizer import HFTokenizer, load_or_train_bpe
 
+SHIPPED = Path(__file__).resolve().parent / "corpora"  # corpora inside the package: tinyshakespeare/
 SYNTHETIC_SEEDS = {"train": 0, "validation": 1, "test": 2}  # fixed streams, independent of the training seed
 DEFAULT_TOKENIZER = {"synthetic": "word", "wikitext-2": "word", "wikitext-2-raw-v1": "bpe", "tinyshakespeare": "char",
                      "text": "bpe"}
@@ -47,6 +48,8 @@ def load_data(dataset: str, data_dir: Optional[str], splits: tuple, tok=None, to
                                           seed=SYNTHETIC_SEEDS[split])
             out[split] = (c.tokens, {"answer_mask": c.answer_mask})
         return tok or WordVocab(c.itos, eos="<q>", unk=None), out
+    if data_dir is None and (SHIPPED / dataset).is_dir():  # shipped with the package: no network needed
+        data_dir = str(SHIPPED)
     lines = load_text_splits(dataset, data_dir)
     if "validation" not in lines:  # carve 5% off the end of train.txt
         cut = len(lines["train"]) * 19 // 20

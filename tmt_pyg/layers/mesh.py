@@ -13,19 +13,21 @@ BACKENDS = ("auto", "dense", "cluster")
 class MeshSlots(NamedTuple):
     """A mesh of fixed in-degree: row ``r`` (target ``target[r]``) reads the nodes ``index[r]``.
 
-    Slot groups lie side by side along the slot axis: ``k`` nearest neighbours, then the self slot.
-    Unused slots (a token with fewer than ``k`` candidates) have ``valid = False`` and point at the
+    Slot groups lie side by side along the slot axis: ``k`` nearest neighbours, the local window
+    (if any), then the self slot. Unused slots (a token with fewer than ``k`` candidates) have ``valid = False`` and point at the
     target itself, so a gather through them is always in range.
     """
     index: Tensor  # (Q, k + 1) source node ids
     valid: Tensor  # (Q, k + 1) bool
     target: Tensor  # (Q,) target node ids
-    unit: Tensor  # (N, D) the L2-normalised node states the mesh was built from
+    unit: Tensor  # (N, D) the L2-normalised node vectors the mesh was built from (the source side)
+    query_unit: Optional[Tensor] = None  # (N, D) the targets' side when it differs (attention similarity)
 
     def edges(self) -> Tuple[Tensor, Tensor]:
         """The valid slots as PyG edges ``[source, target]`` (2, E) and their cosine (E,)."""
         src, dst = self.index[self.valid], self.target.unsqueeze(1).expand_as(self.index)[self.valid]
-        return torch.stack([src, dst]), (self.unit[src] * self.unit[dst]).sum(-1)
+        query_unit = self.unit if self.query_unit is None else self.query_unit
+        return torch.stack([src, dst]), (self.unit[src] * query_unit[dst]).sum(-1)
 
 
 def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
@@ -58,18 +60,21 @@ def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, T
     return index, valid
 
 
-def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: int = 0) -> Tuple[Tensor, Tensor]:
+def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: int = 0,
+                            uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Exact causal kNN of ``B`` sequences of equal length, ``u`` (B, S, D) unit rows: for every
     position ``i`` the ``k`` most similar positions ``j < i - window`` of its sequence (the
-    ``window`` tokens just before ``i`` have slots of their own). Static shapes, no host sync.
+    ``window`` tokens just before ``i`` have slots of their own); ``uq`` (B, S, D): the queries'
+    own unit rows if they differ from ``u``. Static shapes, no host sync.
     Returns positions (B, S, k) and validity (B, S, k)."""
+    uq = u if uq is None else uq
     S = u.size(1)
     index, valid = [], []
     for start in range(0, S, block_size):
         end = min(start + block_size, S)
         past = torch.arange(end, device=u.device) < torch.arange(start, end, device=u.device).unsqueeze(1) - window
         future = torch.zeros(past.shape, dtype=u.dtype, device=u.device).masked_fill(~past, float("-inf"))
-        sim = torch.baddbmm(future.expand(u.size(0), -1, -1), u[:, start:end], u[:, :end].transpose(1, 2))  # (B, b, end), masked
+        sim = torch.baddbmm(future.expand(u.size(0), -1, -1), uq[:, start:end], u[:, :end].transpose(1, 2))  # (B, b, end), masked
         i, v = top_slots(sim, None, k)
         index.append(i)
         valid.append(v)
@@ -77,12 +82,13 @@ def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: in
 
 
 def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
-             block_size: int = 256, window: int = 0) -> Tuple[Tensor, Tensor]:
+             block_size: int = 256, window: int = 0, uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Exact kNN on the flat node array (graphs of any lengths, no padding) by blockwise
     ``matmul + topk``: for a block of sorted queries the candidates are the contiguous span from
     the start of the first query's graph to the last query (causal: nodes ``j < i - window``) or to
     the end of the last query's graph, so memory is O(block_size * span). Returns node ids (Q, k)
-    and validity (Q, k)."""
+    and validity (Q, k). ``uq`` (N, D): the queries' unit rows where they differ from ``u``."""
+    uq = u if uq is None else uq
     index, valid = [], []
     for s in range(0, query.numel(), block_size):
         q = query[s:s + block_size]
@@ -91,24 +97,27 @@ def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query:
         keys = torch.arange(lo, hi, device=u.device)
         allowed = batch[keys].unsqueeze(0) == batch[q].unsqueeze(1)
         allowed &= (keys.unsqueeze(0) < q.unsqueeze(1) - window) if causal else (keys.unsqueeze(0) != q.unsqueeze(1))
-        i, v = top_slots(u[q] @ u[lo:hi].t(), allowed, k)
+        i, v = top_slots(uq[q] @ u[lo:hi].t(), allowed, k)
         index.append(i + lo)
         valid.append(v)
     return torch.cat(index), torch.cat(valid)
 
 
 def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
-                chunk_size: int = 128, window: int = 0) -> Tuple[Tensor, Tensor]:
+                chunk_size: int = 128, window: int = 0, uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """kNN through torch-cluster; returns node ids (Q, k) and validity (Q, k) like :func:`flat_knn`.
 
     Causal: per chunk of positions, ``torch_cluster.knn`` proposes ``k + window`` candidates from
     the strictly-past prefix of each sequence (at most ``window`` of them fall in the query's
     window and are dropped) and a masked dense top-k ``k`` more from inside the chunk. The
     candidates of a query are then ranked by the same exact similarity and tie rule as the dense
-    backend, so the result depends on the query's own sequence and past only.
+    backend, so the result depends on the query's own sequence and past only. ``uq``: as in
+    :func:`flat_knn` (causal only).
     """
     Q = query.numel()
     if not causal:
+        if uq is not None:
+            raise ValueError("separate query vectors need a causal mesh")
         # k + 1 per target when the target itself is not among its k + 1 nearest (duplicate states)
         src, dst = torch_cluster.knn_graph(u, k, batch=batch, loop=False, flow="source_to_target")
         order = dst.argsort(stable=True)
@@ -127,7 +136,7 @@ def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, que
         chunk_q = query[rows]
         if c0 > 0:  # candidates from the strictly-past prefix of each sequence
             past = (pos < c0).nonzero().view(-1)
-            qi, pj = torch_cluster.knn(u[past], u[chunk_q], k + window, batch[past], batch[chunk_q])
+            qi, pj = torch_cluster.knn(u[past], (u if uq is None else uq)[chunk_q], k + window, batch[past], batch[chunk_q])
             order = qi.argsort(stable=True)
             qi, pj = qi[order], pj[order]
             rank = torch.arange(qi.numel(), device=u.device) - ptr_of_sorted(qi, rows.numel())[qi]
@@ -136,9 +145,10 @@ def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, que
         chunk = ((pos >= c0) & (pos < c0 + chunk_size)).nonzero().view(-1)  # candidates inside the chunk
         chunk_batch = batch[chunk]
         i, v = flat_knn(u[chunk], chunk_batch, batch_to_ptr(chunk_batch, ptr.numel() - 1), k, True,
-                        torch.searchsorted(chunk, chunk_q), window=window)
+                        torch.searchsorted(chunk, chunk_q), window=window,
+                        uq=None if uq is None else uq[chunk])
         cand[rows, k + window:] = torch.where(v, chunk[i], -1)
-    return rank_candidates(u, cand, query, k)
+    return rank_candidates(u, cand, query, k, uq)
 
 
 def window_slots(target: Tensor, target_pos: Tensor, window: int) -> Tuple[Tensor, Tensor]:
@@ -153,13 +163,14 @@ def ptr_of_sorted(index: Tensor, size: int) -> Tensor:
     return batch_to_ptr(index, size)[:-1]
 
 
-def rank_candidates(u: Tensor, cand: Tensor, query: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+def rank_candidates(u: Tensor, cand: Tensor, query: Tensor, k: int, uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Exact top-k among candidate node ids ``cand`` (Q, C), -1 = none, by the dense backend's rule
-    (cosine of the unit rows, ties to the most recent node)."""
+    (cosine of the unit rows ``uq[query]`` and ``u[cand]``, ties to the most recent node)."""
+    uq = u if uq is None else uq
     cand = cand.sort(dim=1).values  # node order = recency order along the candidate axis
     allowed = cand >= 0
     safe = cand.clamp(min=0)
-    sim = (u[safe] * u[query].unsqueeze(1)).sum(-1)
+    sim = (u[safe] * uq[query].unsqueeze(1)).sum(-1)
     i, v = top_slots(sim, allowed, k)
     return safe.gather(1, i), v
 
@@ -218,8 +229,11 @@ class DynamicMesh(torch.nn.Module):
         return "cluster" if dim <= self.low_dim_threshold and not self.causal else "dense"
 
     def slots(self, x: Tensor, batch: Optional[Tensor] = None, query_index: Optional[Tensor] = None,
-              seq_len: Optional[int] = None) -> MeshSlots:
+              seq_len: Optional[int] = None, query_x: Optional[Tensor] = None) -> MeshSlots:
         """The mesh as a neighbour table. Inputs are trusted (:meth:`forward` checks them).
+
+        ``query_x`` (N, D): what the targets search with, compared with the sources ``x`` (causal
+        only; e.g. attention queries against keys). Rows of tokens that are not targets are unread.
 
         ``seq_len``: every graph has exactly ``seq_len`` nodes (a ``(B, S)`` batch). With all
         nodes as queries, the causal dense search then runs on ``(B, S, D)`` blocks with static
@@ -227,6 +241,9 @@ class DynamicMesh(torch.nn.Module):
         """
         N = x.size(0)
         u = F.normalize(x.detach(), dim=-1)
+        uq = None if query_x is None else F.normalize(query_x.detach(), dim=-1)
+        if uq is not None and not self.causal:
+            raise ValueError("separate query vectors (query_x) need a causal mesh")
         target = torch.arange(N, device=x.device) if query_index is None else query_index
         backend = self.resolve_backend(x.size(1))
         regular = seq_len is not None and query_index is None and self.causal and backend == "dense"
@@ -237,19 +254,20 @@ class DynamicMesh(torch.nn.Module):
         if target.numel() == 0:  # every token exited
             index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
         elif regular:
-            pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window)
+            pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window,
+                                                 None if uq is None else uq.view(-1, seq_len, uq.size(1)))
             start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
         else:
             knn = flat_knn if backend == "dense" else cluster_knn
-            index, valid = knn(u, batch, ptr, self.k, self.causal, target, window=self.window,
+            index, valid = knn(u, batch, ptr, self.k, self.causal, target, window=self.window, uq=uq,
                                **({"block_size": self.block_size} if knn is flat_knn else {}))
         groups = [(index, valid)]
         if self.window:
             groups.append(window_slots(target, target - ptr[batch[target]], self.window))
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
-        return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u)
+        return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u, uq)
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,
                 query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

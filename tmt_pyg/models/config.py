@@ -5,6 +5,7 @@ from typing import Any, Dict
 from ..layers.mesh import BACKENDS
 
 GATE_LOSSES = ("consistency", "decisiveness", "none")
+MESH_SIMILARITIES = ("state", "attention")
 
 
 @dataclass
@@ -15,6 +16,8 @@ class TMTConfig:
     n_layers: int = 4  # TMT layers
     graph_k: int = 8  # mesh neighbours per token (the self edge comes on top)
     mesh_window: int = 0  # previous tokens every token also reads (local window slots; 0: pure kNN mesh)
+    mesh_similarity: str = "state"  # what the kNN compares: "state" (normalised token states, the seed's
+    # mesh) | "attention" (each layer's own rotated queries against its keys, every head normalised)
     decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
     exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
     dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
@@ -35,6 +38,8 @@ class TMTConfig:
     gate_loss_weight: float = 0.1  # weight of the gate objective in the total loss
     gate_sample: int = 512  # tokens per batch scored by the consistency objective
     gate_detach: bool = False  # gates read detached states: their objective trains the gates only, not the trunk
+    exit_loss_weight: float = 0.0  # weight of the early-exit LM loss: every earlier layer's next-token loss
+    # through the shared head, layer l weighted by l (CALM), so that early states can predict
     exit_in_training: bool = False  # also freeze exited tokens in training mode
     anchor_momentum: float = 0.99  # EMA momentum beta of the anchor state
 
@@ -51,6 +56,9 @@ class TMTConfig:
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.mesh_window >= 0, f"mesh_window must be >= 0, got {self.mesh_window}")
         need(self.mesh_window == 0 or self.causal, "mesh_window (a window of previous tokens) needs causal=True")
+        need(self.mesh_similarity in MESH_SIMILARITIES,
+             f"mesh_similarity must be one of {MESH_SIMILARITIES}, got {self.mesh_similarity!r}")
+        need(self.mesh_similarity == "state" or self.causal, "mesh_similarity='attention' needs causal=True")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         need(not self.rope or (self.d_model // self.n_heads) % 2 == 0, "rope needs an even head width")
@@ -60,6 +68,7 @@ class TMTConfig:
         need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
         need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")
+        need(self.exit_loss_weight >= 0, f"exit_loss_weight must be >= 0, got {self.exit_loss_weight}")
         need(self.gate_loss_weight >= 0, f"gate_loss_weight must be >= 0, got {self.gate_loss_weight}")
         need(self.gate_loss in GATE_LOSSES, f"gate_loss must be one of {GATE_LOSSES}, got {self.gate_loss!r}")
         need(0.0 <= self.anchor_momentum < 1.0, f"anchor_momentum must lie in [0, 1), got {self.anchor_momentum}")

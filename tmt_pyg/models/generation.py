@@ -9,13 +9,13 @@ from torch import Tensor
 
 from ..data.batching import TokenInput, pack_tokens
 from ..layers.mesh import top_slots, window_slots
-from .tmt import TMTModel
+from .tmt import TMTModel, head_units
 
 
 @dataclass
 class LayerCache:
     state: Tensor  # (B, capacity, D) input states of this layer (exited tokens frozen)
-    unit: Tensor  # (B, capacity, D) the same, L2-normalised: what the mesh search compares
+    unit: Tensor  # (B, capacity, D) what the mesh search compares, L2-normalised: the states or the keys (mesh_unit)
     key: Tensor  # (B, capacity, H, C) their keys
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
@@ -48,12 +48,18 @@ class TMTCache:
             layer = LayerCache(h.new_zeros(B, self.capacity, h.size(1)), h.new_zeros(B, self.capacity, h.size(1)),
                                key.new_zeros((B, self.capacity) + key.shape[1:]), value.new_zeros((B, self.capacity) + value.shape[1:]),
                                (key[N:], value[N:]) if h.size(0) > N else None)
-            for cached, rows in ((layer.state, h), (layer.unit, F.normalize(h, dim=-1)), (layer.key, key), (layer.value, value)):
+            for cached, rows in ((layer.state, h), (layer.unit, mesh_unit(model, h, key)), (layer.key, key), (layer.value, value)):
                 cached[data.batch, data.pos] = rows[:N]
             self.layers.append(layer)
         last = data.ptr[1:] - 1
         self.last_logits = out.logits[last]  # (B, V)
         self.source_pos = torch.arange(self.capacity, device=h.device).repeat(B)  # position of every cache row
+
+
+def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
+    """Unit rows the mesh compares, as :meth:`DynamicMesh.slots` normalises them: the states (n, D),
+    or the queries/keys ``heads`` (n, H, C) for the attention-similarity mesh."""
+    return F.normalize(state if model.config.mesh_similarity == "state" else head_units(heads), dim=-1)
 
 
 @torch.no_grad()
@@ -83,11 +89,12 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
         x = block.ln_attn(h)
         key, value = block.attn.project_key_value(x, pos)
         layer.state[row, pos], layer.key[row, pos], layer.value[row, pos] = h, key, value
-        layer.unit[row, pos] = F.normalize(h, dim=-1)
+        layer.unit[row, pos] = mesh_unit(model, h, key)
         q_row, q_pos = row[active], pos[active]
-        if model.mesh is not None:  # k most similar earlier states of the row, then the self slot
+        query = block.attn.project_query(x[active], q_pos)
+        if model.mesh is not None:  # k most similar earlier states (or keys) of the row, window, self slot
             u = layer.unit[:, :end]  # (B, L, D)
-            sim = torch.einsum("ad,ald->al", u[q_row, q_pos], u[q_row])  # (A, L)
+            sim = torch.einsum("ad,ald->al", mesh_unit(model, h[active], query), u[q_row])  # (A, L)
             w = model.mesh.window
             index, valid = top_slots(sim, torch.arange(end, device=ids.device) < q_pos.unsqueeze(1) - w, model.mesh.k)
             window, in_window = window_slots(q_pos, q_pos, w)  # positions before the query, kNN slots, self
@@ -97,7 +104,6 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
         else:  # dense: every earlier position of the row
             index = torch.arange(end, device=ids.device).expand(active.numel(), -1)
             valid = index <= q_pos.unsqueeze(1)
-        query = block.attn.project_query(x[active], q_pos)
         attn, _ = block.attn.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), q_row.unsqueeze(1) * cache.capacity + index,
                                           valid, (cache.source_pos, q_pos), layer.memory)
         out = block(h[active], attn)

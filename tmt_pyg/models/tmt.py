@@ -22,9 +22,10 @@ from .config import TMTConfig
 @dataclass
 class TMTOutput:
     logits: Tensor  # (N, V) for a Batch, (B, S, V) for a (B, S) tensor input
-    loss: Optional[Tensor] = None  # lm_loss + gate_loss_weight * gate_loss (compute_loss=True)
+    loss: Optional[Tensor] = None  # lm_loss + exit_loss_weight * exit_loss + gate_loss_weight * gate_loss
     lm_loss: Optional[Tensor] = None  # mean next-token cross-entropy inside sequences
     gate_loss: Optional[Tensor] = None  # exit-gate objective (0 when exits are off)
+    exit_loss: Optional[Tensor] = None  # early-exit LM loss: depth-weighted mean of the earlier layers' losses
     exit_masks: Optional[Tensor] = None  # (L, N) bool: token was frozen and skipped at layer l
     confidences: Optional[Tensor] = None  # (L-1, N) gate confidence after layer l (NaN: not computed)
     mesh: Optional[MeshSlots] = None  # last layer's mesh as fixed-degree slots
@@ -71,6 +72,12 @@ class LayerInput:
             return int(self.pos[active_tokens].sum())
         lengths = torch.bincount(self.tok_batch, minlength=self.num_graphs)
         return int((lengths[self.tok_batch[active_tokens]] - 1).sum())
+
+
+def head_units(heads: Tensor) -> Tensor:
+    """Queries or keys (n, H, C) -> (n, H * C) with every head L2-normalised: what the attention-
+    similarity mesh compares (the cosine of two rows is the mean over heads of the heads' cosines)."""
+    return F.normalize(heads.detach(), dim=-1).flatten(1)
 
 
 def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
@@ -212,7 +219,7 @@ class TMTModel(nn.Module):
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
         all_tokens = torch.arange(N, device=dev)
-        exit_masks, confidences, attentions, rows, states, hidden = [], [], [], [], [], []
+        exit_masks, confidences, attentions, rows, states, hidden, early = [], [], [], [], [], [], []
         mesh, flops = None, 0.0
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
@@ -233,6 +240,8 @@ class TMTModel(nn.Module):
             flops += layer_flops(cfg, h.size(0), active_tokens.numel() + anchor_nodes.numel(), edges, pairs)
             if return_attention_weights:
                 attentions.append(alpha)
+            if compute_loss and cfg.exit_loss_weight > 0 and layer < cfg.n_layers - 1:
+                early.append(h[:N])
             if block.exit_gate is not None:
                 gate_in = h_active[:active_tokens.numel()]
                 conf = block.exit_gate(gate_in.detach() if cfg.gate_detach else gate_in)
@@ -271,9 +280,12 @@ class TMTModel(nn.Module):
             has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
             if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool(has_next.any())):
                 raise ValueError("no next-token targets: every sequence has length 1")
-            out.lm_loss = F.cross_entropy(logits, torch.where(has_next, ids.roll(-1), -100), ignore_index=-100)
+            target = torch.where(has_next, ids.roll(-1), -100)
+            out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
             out.gate_loss = self._gate_loss(confidences, states, sample, logits)
-            out.loss = out.lm_loss + cfg.gate_loss_weight * out.gate_loss
+            out.exit_loss = sum(((layer + 1) * F.cross_entropy(self.lm_head(state), target, ignore_index=-100)
+                                 for layer, state in enumerate(early)), logits.new_zeros(())) / max(1, sum(range(1, len(early) + 1)))
+            out.loss = out.lm_loss + cfg.exit_loss_weight * out.exit_loss + cfg.gate_loss_weight * out.gate_loss
         if isinstance(tokens, Tensor):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
@@ -290,12 +302,20 @@ class TMTModel(nn.Module):
         cfg, N, R = self.config, ctx.pos.numel(), ctx.anchor_nodes.numel()
         A = active_tokens.numel()
         all_active = A == N
-        mesh = None if self.mesh is None else self.mesh.slots(h[:N], ctx.tok_batch, None if all_active else active_tokens, ctx.seq_len)
-        mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal) if mesh is not None else 0
+        target = None if all_active else active_tokens
+        mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal) if self.mesh is not None else 0
         if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
             pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
             key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
             query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
+            mesh = None
+            if self.mesh is not None and cfg.mesh_similarity == "state":
+                mesh = self.mesh.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
+            elif self.mesh is not None:  # queries search the keys; the search reads query rows by node id
+                query_x = head_units(query)
+                if not all_active:
+                    query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
+                mesh = self.mesh.slots(head_units(key[:N]), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
             memory = (key[N:], value[N:]) if R else None
             if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
                 self._update_anchors(h[:N], query, key[N:])
@@ -311,6 +331,7 @@ class TMTModel(nn.Module):
                 out = torch.cat([out, conv.combine_heads(value[N:] * weight)])
             return out, alpha, mesh, pairs, mesh_pairs
         active = torch.cat([active_tokens, ctx.anchor_nodes])
+        mesh = None if self.mesh is None else self.mesh.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
         if mesh is None:
             key, value = conv.project_key_value(x, ctx.node_pos)
             node_batch = ctx.node_batch()

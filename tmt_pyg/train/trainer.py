@@ -35,6 +35,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0     # max global gradient norm (0: no clipping)
+    clip_gates_apart: bool = True  # exit gates clipped to their own norm, so their gradients never shrink the trunk's step
     eval_every: int = 200      # steps between evaluations (0: only at the end)
     eval_batches: int = 0      # validation batches per evaluation (0: the whole loader)
     ckpt_every: int = 0        # steps between checkpoints (0: at every evaluation)
@@ -179,6 +180,10 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.train_loader, self.val_loader, self.extra = train_loader, val_loader, extra or {}
         self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        apart = cfg.clip_gates_apart
+        self.gate_params = [p for name, p in params if apart and "exit_gate." in name]
+        self.trunk_params = [p for name, p in params if not (apart and "exit_gate." in name)]
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
         self.step = self.skipped = self.signal = 0
         self.is_main = cfg.rank == 0
@@ -270,11 +275,13 @@ class Trainer:
                 (out.loss / cfg.grad_accum).backward()
             sums = sums + torch.stack([out.loss, out.lm_loss, out.exit_rate, out.work_fraction]).detach().float()
             tokens += batch.num_nodes
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trunk_params, max_norm)
+        gate_norm = torch.nn.utils.clip_grad_norm_(self.gate_params, max_norm) if self.gate_params else grad_norm.new_zeros(())
         means = all_reduce(sums / cfg.grad_accum) / cfg.world_size  # a NaN on any rank reaches every rank
-        checks = [grad_norm.float()] + [b.isfinite().all().float() for b in model.buffers() if b.is_floating_point()]
-        loss, lm_loss, exit_rate, work, grad_norm, *buffers_finite = torch.cat([means, torch.stack(checks)]).tolist()
-        if math.isfinite(loss) and math.isfinite(grad_norm) and all(buffers_finite):
+        checks = [grad_norm.float(), gate_norm.float()] + [b.isfinite().all().float() for b in model.buffers() if b.is_floating_point()]
+        loss, lm_loss, exit_rate, work, grad_norm, gate_norm, *buffers_finite = torch.cat([means, torch.stack(checks)]).tolist()
+        if math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(gate_norm) and all(buffers_finite):
             self.optimizer.step()
         elif cfg.on_nonfinite == "stop":
             raise FloatingPointError(
@@ -290,7 +297,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
-        return {"split": "train", "step": self.step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm,
+        return {"split": "train", "step": self.step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm, "gate_grad_norm": gate_norm,
                 "exit_rate": exit_rate, "work_fraction": work, "skipped": self.skipped,
                 "tokens": tokens * cfg.world_size, "tok_per_s": tokens * cfg.world_size / dt}
 
