@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import ablation, decode, exit_speed, memory, mesh_backends, recall, speed  # noqa: E402
+from benchmarks import ablation, decode, exit_speed, memory, mesh_backends, recall, shakespeare, speed  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,8 @@ def test_decode(tmp_path):
 
 def test_recall(tmp_path):
     result = run_quick(recall, tmp_path)
-    assert {r["model"] for r in result["rows"]} == {"vanilla", "mesh (pure kNN)", "mesh + window 8"}
+    assert {r["model"] for r in result["rows"]} == {"vanilla", "mesh (pure kNN)", "mesh + window 8", "attention mesh",
+                                                    "attention mesh + window 8"}
     params = {r["params"] for r in result["rows"]}
     assert max(params) / min(params) < 1.02
     assert all(0 <= r["accuracy"] <= 1 and finite_positive(r["loss"]) for r in result["rows"])
@@ -130,3 +131,13 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert len(cached) == len(ablation.ROWS) + 2
     again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
+
+
+def test_shakespeare(tmp_path):
+    result = run_quick(shakespeare, tmp_path)
+    rows = result["rows"]
+    assert set(rows) == {"vanilla", "tmt-exit"} and rows["vanilla"]["params"] / rows["tmt-exit"]["params"] > 0.98
+    exits = rows["tmt-exit"]
+    assert exits["report_exits"]["loss"] <= exits["report_exits_off"]["loss"] * 1.02 + 1e-6 or exits["tau"] == [1.0]
+    assert finite_positive(*result["flops_per_token"].values(), *result["eval_seconds"].values())
+    assert set(result["eval_seconds"]) == {"vanilla", "tmt-exit", "tmt-exit @tau"}

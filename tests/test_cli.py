@@ -95,3 +95,28 @@ def test_demo_tiny(tmp_path, capsys):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert rows["TMT"]["train_tokens"] == rows["vanilla"]["train_tokens"]
     assert abs(rows["TMT"]["parameters"] - rows["vanilla"]["parameters"]) / rows["TMT"]["parameters"] < 0.05
+
+
+def test_calibrate_stores_tau_that_eval_uses(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--out", str(out), "--exit-loss-weight", "0.5", "--gate-detach", *TINY_TRAIN]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--tolerance", "0.05", "--max-batches", "3", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    state = load_checkpoint(out)
+    tau = state["model_config"]["exit_threshold"]
+    assert f"tau = {tau:.4f} stored in" in printed and state["calibration"]["threshold"] == tau
+    calib = state["calibration"]
+    assert calib["chosen"] is None or calib["chosen"]["loss"] <= calib["loss_limit"]
+    assert main(["eval", str(out), "--json", "--max-batches", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    if calib["chosen"] is not None:  # eval runs at the stored tau: the same exits as calibration measured
+        assert result["exit_rate"] == pytest.approx(calib["chosen"]["exit_rate"])
+
+
+def test_calibrate_needs_exit_gates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(out), "--no-exit", *TINY_TRAIN]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(out)])
+    assert e.value.code == 2 and "no exit gates" in capsys.readouterr().err

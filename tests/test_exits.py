@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tmt_pyg import TMTModel, tokens_to_batch
 from tmt_pyg.layers.exit_gate import consistency_loss, decisiveness_loss
@@ -97,3 +98,18 @@ def test_gate_detach_keeps_the_gate_objective_out_of_the_trunk(gate_loss):
         assert reached, "the gate objective must train something"
         in_trunk = {name for name in reached if "exit_gate" not in name}
         assert (not in_trunk) if detach else in_trunk, sorted(in_trunk)
+
+
+def test_early_exit_loss_is_the_depth_weighted_loss_of_the_earlier_layers():
+    model = make_model(exit_loss_weight=0.5)
+    ids = torch.randint(0, 50, (2, 24))
+    out = model(ids, compute_loss=True, output_hidden_states=True)
+    target = ids[:, 1:].reshape(-1)
+    layer_losses = [F.cross_entropy(model.lm_head(h[:48]).view(2, 24, -1)[:, :-1].reshape(-1, 50), target)
+                    for h in out.hidden_states[1:-1]]  # after layers 1 .. L-1 (the last one is the LM loss)
+    expected = sum((i + 1) * loss for i, loss in enumerate(layer_losses)) / sum(range(1, len(layer_losses) + 1))
+    torch.testing.assert_close(out.exit_loss, expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.exit_loss + model.config.gate_loss_weight * out.gate_loss)
+    out.exit_loss.backward()  # it trains the first layer, which the final loss reaches only through later ones
+    assert model.blocks[0].ffn.lin_gate.weight.grad.abs().sum() > 0 and model.blocks[-1].ffn.lin_gate.weight.grad is None
+    assert float(make_model()(ids, compute_loss=True).exit_loss) == 0  # off by default

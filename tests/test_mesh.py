@@ -74,3 +74,24 @@ def test_exact_ties_go_to_the_most_recent_candidates():
     shifted = torch.cat([torch.tensor([[0.0, 1.0]] * 3), x])  # same sequence inside a longer block
     edge_index, _ = DynamicMesh(2, backend="dense")(shifted, torch.tensor([0] * 3 + [1] * 7))
     assert {s - 3 for s, d in as_set(edge_index) if d == 8 and s != d} == {3, 4}
+
+
+@pytest.mark.parametrize("backend", ["dense", "cluster"])
+def test_separate_query_vectors_pick_the_past_keys_they_score_highest(backend):
+    """query_x: target i reads the k past nodes j whose unit vectors u_j score highest against its
+    own unit query q_i (the attention-similarity mesh), on the regular and on the flat search."""
+    torch.manual_seed(0)
+    keys, queries = torch.randn(2 * 30, 16), torch.randn(2 * 30, 16)
+    batch = torch.arange(2).repeat_interleave(30)
+    mesh = DynamicMesh(4, causal=True, backend=backend)
+    for seq_len in (30, None):
+        slots = mesh.slots(keys, batch, None, seq_len if backend == "dense" else None, query_x=queries)
+        uk, uq = F.normalize(keys, dim=-1), F.normalize(queries, dim=-1)
+        for i in (3, 17, 29, 45, 59):
+            start = 30 * (i // 30)
+            expected = set((start + (uq[i] @ uk[start:i].t()).topk(min(4, i - start)).indices).tolist())
+            assert set(slots.index[i, :4][slots.valid[i, :4]].tolist()) == expected
+        edge_index, sim = slots.edges()
+        torch.testing.assert_close(sim, (uk[edge_index[0]] * uq[edge_index[1]]).sum(-1))
+    with pytest.raises(ValueError, match="causal"):
+        DynamicMesh(4, causal=False).slots(keys, batch, query_x=queries)

@@ -113,3 +113,17 @@ def test_evaluate_recall_accuracy():
     batch.answer_mask[[3, 8, 12]] = True  # 8 starts sequence 2: nothing predicts it, so it is not scored
     result = evaluate(Oracle(), [batch])
     assert result["recall_acc"] == 1.0 and result["loss"] < 1e-6 and result["targets"] == 14
+
+
+@pytest.mark.parametrize("apart", [True, False])
+def test_detached_gates_leave_the_trunk_step_alone_only_when_clipped_apart(tmp_path, apart):
+    """The gates' gradients, inside one global clipping norm, shrink the trunk's step although the
+    gates read detached states; clipped apart, the trunk takes the same step as with no gate loss."""
+    trunk = {}
+    for weight in (0.0, 1000.0):
+        trainer = make_trainer(tmp_path / f"{apart}{weight}", steps=1, clip_gates_apart=apart, grad_accum=1,
+                               model_overrides=dict(gate_detach=True, gate_loss_weight=weight, dropout=0.0))
+        record = trainer.train_step(trainer._batches())
+        trunk[weight] = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "exit_gate" not in n])
+        assert record["gate_grad_norm"] > 0 if apart and weight else True
+    assert torch.equal(trunk[0.0], trunk[1000.0]) == apart
