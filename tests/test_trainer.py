@@ -121,9 +121,11 @@ def test_detached_gates_leave_the_trunk_step_alone_only_when_clipped_apart(tmp_p
     gates read detached states; clipped apart, the trunk takes the same step as with no gate loss."""
     trunk = {}
     for weight in (0.0, 1000.0):
-        trainer = make_trainer(tmp_path / f"{apart}{weight}", steps=1, clip_gates_apart=apart, grad_accum=1,
+        trainer = make_trainer(tmp_path / f"{apart}{weight}", steps=3, clip_gates_apart=apart, grad_accum=1,
                                model_overrides=dict(gate_detach=True, gate_loss_weight=weight, dropout=0.0))
-        record = trainer.train_step(trainer._batches())
+        batches = trainer._batches()
+        for _ in range(3):  # AdamW's first step ignores a common scale of the gradients; later ones do not
+            record = trainer.train_step(batches)
         trunk[weight] = torch.cat([p.detach().flatten() for n, p in trainer.model.named_parameters() if "exit_gate" not in n])
         assert record["gate_grad_norm"] > 0 if apart and weight else True
     assert torch.equal(trunk[0.0], trunk[1000.0]) == apart

@@ -9,10 +9,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0     # max global gradient norm (0: no clipping)
     clip_gates_apart: bool = True  # exit gates clipped to their own norm, so their gradients never shrink the trunk's step
+    # (metrics: grad_norm is the trunk's norm, gate_grad_norm the gates', both before clipping)
     eval_every: int = 200      # steps between evaluations (0: only at the end)
     eval_batches: int = 0      # validation batches per evaluation (0: the whole loader)
     ckpt_every: int = 0        # steps between checkpoints (0: at every evaluation)
@@ -181,9 +183,8 @@ class Trainer:
         self.train_loader, self.val_loader, self.extra = train_loader, val_loader, extra or {}
         self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        apart = cfg.clip_gates_apart
-        self.gate_params = [p for name, p in params if apart and "exit_gate." in name]
-        self.trunk_params = [p for name, p in params if not (apart and "exit_gate." in name)]
+        self.gate_params = [p for name, p in params if "exit_gate." in name]
+        self.trunk_params = [p for name, p in params if "exit_gate." not in name]
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
         self.step = self.skipped = self.signal = 0
         self.is_main = cfg.rank == 0
@@ -275,9 +276,7 @@ class Trainer:
                 (out.loss / cfg.grad_accum).backward()
             sums = sums + torch.stack([out.loss, out.lm_loss, out.exit_rate, out.work_fraction]).detach().float()
             tokens += batch.num_nodes
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trunk_params, max_norm)
-        gate_norm = torch.nn.utils.clip_grad_norm_(self.gate_params, max_norm) if self.gate_params else grad_norm.new_zeros(())
+        grad_norm, gate_norm = self.clip_gradients()
         means = all_reduce(sums / cfg.grad_accum) / cfg.world_size  # a NaN on any rank reaches every rank
         checks = [grad_norm.float(), gate_norm.float()] + [b.isfinite().all().float() for b in model.buffers() if b.is_floating_point()]
         loss, lm_loss, exit_rate, work, grad_norm, gate_norm, *buffers_finite = torch.cat([means, torch.stack(checks)]).tolist()
@@ -300,6 +299,19 @@ class Trainer:
         return {"split": "train", "step": self.step, "loss": loss, "lm_loss": lm_loss, "lr": lr, "grad_norm": grad_norm, "gate_grad_norm": gate_norm,
                 "exit_rate": exit_rate, "work_fraction": work, "skipped": self.skipped,
                 "tokens": tokens * cfg.world_size, "tok_per_s": tokens * cfg.world_size / dt}
+
+    def clip_gradients(self) -> Tuple[Tensor, Tensor]:
+        """Clip to ``grad_clip``: the trunk and the exit gates each to their own norm (``clip_gates_apart``)
+        or all together. Returns the trunk's and the gates' gradient norms before clipping."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        groups = [[p for p in params if p.grad is not None] for params in (self.trunk_params, self.gate_params)]
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) if g else torch.zeros((), device=self.device) for g in groups]
+        if self.cfg.clip_gates_apart:
+            for g, norm in zip(groups, norms):
+                torch.nn.utils.clip_grads_with_norm_(g, max_norm, norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(groups[0] + groups[1], max_norm, torch.hypot(*norms))
+        return norms[0], norms[1]
 
     def evaluate(self) -> dict:
         result = evaluate(self.model, self.val_loader, self.device, self.cfg.bf16, self.cfg.eval_batches, self.cfg.world_size > 1)
