@@ -113,3 +113,23 @@ def test_early_exit_loss_is_the_depth_weighted_loss_of_the_earlier_layers():
     out.exit_loss.backward()  # it trains the first layer, which the final loss reaches only through later ones
     assert model.blocks[0].ffn.lin_gate.weight.grad.abs().sum() > 0 and model.blocks[-1].ffn.lin_gate.weight.grad is None
     assert float(make_model()(ids, compute_loss=True).exit_loss) == 0  # off by default
+
+
+def test_detached_gates_clipped_apart_leave_the_trunk_bit_identical(tmp_path):
+    """Gates start from their own generator and, detached and clipped apart, never touch the trunk:
+    with exits off the trained model is the same-seed vanilla model, bit for bit."""
+    from tmt_pyg.models import TMTConfig
+    from tmt_pyg.train import Trainer, TrainConfig
+    from tmt_pyg.data import SequenceLoader
+
+    stream = torch.randint(0, 50, (4000,))
+    trunks = []
+    for gates in (False, True):
+        torch.manual_seed(0)
+        model = TMTModel(TMTConfig.vanilla(vocab_size=50, d_model=32, n_heads=2, n_layers=3, mlp_dim=64, max_seq_len=32,
+                                           dropout=0.0, use_exit=gates, gate_detach=True))
+        cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, warmup=1, eval_every=0, out_dir=str(tmp_path / str(gates)),
+                          device="cpu", progress=False)
+        Trainer(model, SequenceLoader(stream, 32, 4, seed=0), cfg=cfg).fit()
+        trunks.append({n: p for n, p in model.state_dict().items() if "exit_gate" not in n})
+    assert trunks[0].keys() == trunks[1].keys() and all(torch.equal(trunks[0][n], trunks[1][n]) for n in trunks[0])

@@ -17,11 +17,14 @@ class ExitGate(nn.Module):
     def __init__(self, channels: int, init_bias: float = -2.0):
         super().__init__()
         self.init_bias = init_bias
-        self.lin = nn.Linear(channels, 1)
+        self.lin = torch.nn.utils.skip_init(nn.Linear, channels, 1)  # leaves the global RNG alone
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.lin.weight, std=0.02)
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Random weights from ``generator`` (default: one seeded from the global seed), never from
+        the global RNG, so that adding gates to a model does not change how its trunk is initialised."""
+        generator = generator or torch.Generator().manual_seed(torch.initial_seed() + 1)
+        nn.init.normal_(self.lin.weight, std=0.02, generator=generator)
         nn.init.constant_(self.lin.bias, self.init_bias)
 
     def forward(self, h: Tensor) -> Tensor:

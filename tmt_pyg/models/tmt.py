@@ -149,13 +149,20 @@ class TMTModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        self.apply(self._init_weights)
+        """Initialise every weight. The exit gates draw from a generator of their own, so a model with
+        gates starts from the same trunk as the same seed's model without them."""
+        gates = [block.exit_gate for block in self.blocks if block.exit_gate is not None]
+        in_gates = {id(m) for gate in gates for m in gate.modules()}
+        for module in self.modules():
+            if id(module) not in in_gates:
+                self._init_weights(module)
         for name, p in self.named_parameters():  # scaled init of the projections into the residual stream
             if name.endswith(("attn.lin_out.weight", "ffn.lin_out.weight", "syntax.lin_out.weight", "semantic.lin_out.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        gate_rng = torch.Generator().manual_seed(torch.initial_seed() + 1)
+        for gate in gates:
+            gate.reset_parameters(gate_rng)
         for block in self.blocks:
-            if block.exit_gate is not None:
-                block.exit_gate.reset_parameters()
             if block.attn.decay is not None:
                 block.attn.decay.reset_parameters()
         if self.anchors is not None:
