@@ -51,9 +51,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-layers", dest="n_layers", type=int, default=d.n_layers, help="TMT layers")
     g.add_argument("--graph-k", dest="graph_k", type=int, default=d.graph_k, help="mesh neighbours per token (kNN over past tokens)")
     g.add_argument("--mesh-window", dest="mesh_window", type=int, default=d.mesh_window,
-                   help="previous tokens every token also reads (local window slots; 0: the pure kNN mesh)")
+                   help="previous tokens every token also reads (local window slots; 0: none; -1: 8 for causal models)")
     g.add_argument("--mesh-similarity", dest="mesh_similarity", choices=MESH_SIMILARITIES, default=d.mesh_similarity,
-                   help="what the kNN mesh compares: token states (the seed's mesh) or each layer's queries against its keys")
+                   help="what the kNN mesh compares: token states (the seed's mesh) or each layer's queries against its keys "
+                        "(auto: attention for causal models)")
     g.add_argument("--memory-anchors", dest="memory_anchors", type=int, default=d.memory_anchors, help="memory anchor vectors")
     g.add_argument("--ffn-stream-dim", dest="ffn_stream_dim", type=int, default=d.ffn_stream_dim, help="hidden width of each dual-stream FFN stream")
     g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=d.mlp_dim, help="hidden width of the plain MLP (with --no-dual-stream)")
@@ -389,7 +390,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     tok, data = load_data(args.dataset, None, ("train", "validation"), synthetic_tokens=args.synthetic_tokens)
     common = dict(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                   max_seq_len=args.seq_len, dropout=0.0)
-    tmt = TMTConfig(**common, graph_k=args.graph_k, mesh_window=args.mesh_window, memory_anchors=args.memory_anchors)
+    tmt = TMTConfig(**common, graph_k=args.graph_k, mesh_window=args.mesh_window, memory_anchors=args.memory_anchors,
+                    exit_loss_weight=args.exit_loss_weight)
     vanilla = match_parameters(TMTConfig.vanilla(**common), count_parameters(tmt))
     print(f"demo: TMT vs a plain transformer (fused SDPA) on {args.dataset} ({data['train'][0].numel():,} train tokens, "
           f"vocab {len(tok)}), {torch.get_num_threads()} CPU threads")
@@ -610,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", dest="eval_every", type=int, default=250, help="steps between evaluations")
     p.add_argument("--eval-batches", dest="eval_batches", type=int, default=40,
                    help="validation batches of the evaluations during training and of calibration (the final one uses all)")
+    p.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=0.5,
+                   help="TMT's early-exit LM loss weight (the study's recipe)")
     p.add_argument("--tolerance", type=float, default=0.02, help="loss rise allowed by the exit calibration")
     p.add_argument("--prompt", default="ROMEO:", help="prompt of the samples")
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=200, help="tokens sampled from each model")

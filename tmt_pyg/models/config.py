@@ -5,7 +5,7 @@ from typing import Any, Dict
 from ..layers.mesh import BACKENDS
 
 GATE_LOSSES = ("consistency", "decisiveness", "none")
-MESH_SIMILARITIES = ("state", "attention")
+MESH_SIMILARITIES = ("auto", "state", "attention")
 
 
 @dataclass
@@ -15,9 +15,11 @@ class TMTConfig:
     n_heads: int = 8  # attention heads; head width D / n_heads
     n_layers: int = 4  # TMT layers
     graph_k: int = 8  # mesh neighbours per token (the self edge comes on top)
-    mesh_window: int = 0  # previous tokens every token also reads (local window slots; 0: pure kNN mesh)
-    mesh_similarity: str = "state"  # what the kNN compares: "state" (normalised token states, the seed's
-    # mesh) | "attention" (each layer's own rotated queries against its keys, every head normalised)
+    mesh_window: int = -1  # previous tokens every token also reads (local window slots; 0: none);
+    # -1: 8 for a causal model, 0 for a bidirectional one (the window is causal only)
+    mesh_similarity: str = "auto"  # what the kNN compares: "state" (normalised token states, the seed's
+    # mesh) | "attention" (each layer's own rotated queries against its keys, every head normalised);
+    # "auto": attention for a causal model, state for a bidirectional one
     decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
     exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
     dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
@@ -37,7 +39,7 @@ class TMTConfig:
     gate_loss: str = "consistency"  # exit-gate objective: "consistency" | "decisiveness" | "none"
     gate_loss_weight: float = 0.1  # weight of the gate objective in the total loss
     gate_sample: int = 512  # tokens per batch scored by the consistency objective
-    gate_detach: bool = False  # gates read detached states: their objective trains the gates only, not the trunk
+    gate_detach: bool = True  # gates read detached states: their objective trains the gates only, not the trunk
     exit_loss_weight: float = 0.0  # weight of the early-exit LM loss: every earlier layer's next-token loss
     # through the shared head, layer l weighted by l (CALM), so that early states can predict
     exit_in_training: bool = False  # also freeze exited tokens in training mode
@@ -54,7 +56,11 @@ class TMTConfig:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "graph_k", "max_seq_len", "ffn_stream_dim",
                      "mlp_dim", "gate_sample"):
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        need(self.mesh_window >= 0, f"mesh_window must be >= 0, got {self.mesh_window}")
+        if self.mesh_window == -1:  # the defaults chosen by measurement (README: the mesh), causal models only
+            self.mesh_window = 8 if self.causal else 0
+        if self.mesh_similarity == "auto":
+            self.mesh_similarity = "attention" if self.causal else "state"
+        need(self.mesh_window >= 0, f"mesh_window must be >= 0 (or -1: the default), got {self.mesh_window}")
         need(self.mesh_window == 0 or self.causal, "mesh_window (a window of previous tokens) needs causal=True")
         need(self.mesh_similarity in MESH_SIMILARITIES,
              f"mesh_similarity must be one of {MESH_SIMILARITIES}, got {self.mesh_similarity!r}")
