@@ -34,6 +34,7 @@ def configs(size: Dict) -> Dict[str, TMTConfig]:
     variants = {"TMT": full,
                 "TMT, anchors off": replace(full, use_anchors=False),  # anchors are buffers: same parameters
                 "mesh only": TMTConfig.vanilla(use_mesh=True, **size),
+                "mesh only, seed's pure kNN": TMTConfig.vanilla(use_mesh=True, mesh_window=0, mesh_similarity="state", **size),
                 "vanilla": TMTConfig.vanilla(**size)}
     target = count_parameters(full)
     return {name: match_parameters(cfg, target) for name, cfg in variants.items()}
