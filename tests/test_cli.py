@@ -87,18 +87,19 @@ def test_bench(capsys):
 
 
 def test_demo_tiny(tmp_path, capsys):
-    assert main(["demo", "--steps", "3", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--graph-k", "4",
+    assert main(["demo", "--dataset", "synthetic", "--synthetic-tokens", "4096", "--prompt", "k3 v9",
+                 "--steps", "3", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--graph-k", "4",
                  "--mesh-window", "2", "--memory-anchors", "4", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
                  "--eval-batches", "2", "--sample-tokens", "40", "--out", str(tmp_path), "--no-progress", "--device", "cpu",
                  "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| metric | TMT | vanilla |" in out and "val loss (nanoGPT: 1.88)" in out and "calibrated exit threshold" in out
+    assert "| metric | TMT | vanilla |" in out and "| val loss |" in out and "calibrated exit threshold" in out
     result = json.loads((tmp_path / "results.json").read_text())
     rows, samples = result["rows"], result["samples"]
     assert rows["TMT"]["train_tokens"] == rows["vanilla"]["train_tokens"]
     assert abs(rows["TMT"]["parameters"] - rows["vanilla"]["parameters"]) / rows["TMT"]["parameters"] < 0.05
     assert 0 < rows["TMT"]["tau"] <= 1 and "tau" not in rows["vanilla"]
-    assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 40 for s in samples.values())  # past the 32-token context
+    assert all(s.startswith("k3 v9 ") and len(s.split()) == 42 for s in samples.values())  # past the 32-token context
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
 
 

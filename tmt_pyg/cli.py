@@ -422,7 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        work_fraction=at_tau["work_fraction"])
             model.config.exit_threshold = tau
         rows[name] = row
-        prompt = torch.tensor([tok.encode([args.prompt]).tolist()[:-1] or tok.encode([""]).tolist()])
+        text = args.prompt if args.prompt is not None else "ROMEO:" if args.dataset == "tinyshakespeare" else ""
+        prompt = torch.tensor([tok.encode([text]).tolist()[:-1] or tok.encode([""]).tolist()])
         samples[name] = tok.decode(sample_cropped(model, prompt, args.sample_tokens, torch.Generator().manual_seed(args.seed)))
     table = demo_table(rows, args.dataset == "tinyshakespeare")
     text = table + "\n\n" + "\n\n".join(f"**{name}** sample:\n\n```\n{sample}\n```" for name, sample in samples.items())
@@ -615,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=0.5,
                    help="TMT's early-exit LM loss weight (the study's recipe)")
     p.add_argument("--tolerance", type=float, default=0.02, help="loss rise allowed by the exit calibration")
-    p.add_argument("--prompt", default="ROMEO:", help="prompt of the samples")
+    p.add_argument("--prompt", default=None, help="prompt of the samples (default: 'ROMEO:' for Tiny Shakespeare, else none)")
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=200, help="tokens sampled from each model")
     p.add_argument("--synthetic-tokens", dest="synthetic_tokens", type=int, default=400_000, help="size of the synthetic corpus")
     p.add_argument("--out", dest="out_dir", default="runs/demo", help="output folder")
