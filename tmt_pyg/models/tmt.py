@@ -290,8 +290,7 @@ class TMTModel(nn.Module):
             target = torch.where(has_next, ids.roll(-1), -100)
             out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
             out.gate_loss = self._gate_loss(confidences, states, sample, logits)
-            out.exit_loss = sum(((layer + 1) * F.cross_entropy(self.lm_head(state), target, ignore_index=-100)
-                                 for layer, state in enumerate(early)), logits.new_zeros(())) / max(1, sum(range(1, len(early) + 1)))
+            out.exit_loss = self._exit_loss(early, target) if early else logits.new_zeros(())
             out.loss = out.lm_loss + cfg.exit_loss_weight * out.exit_loss + cfg.gate_loss_weight * out.gate_loss
         if isinstance(tokens, Tensor):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
@@ -379,6 +378,13 @@ class TMTModel(nn.Module):
             losses.append(consistency_loss(c.nan_to_num(0.5), early, final, seen))
             has.append(seen.any())
         return masked_mean(torch.stack(losses), torch.stack(has))  # mean over the layers that scored tokens
+
+    def _exit_loss(self, states: List[Tensor], target: Tensor) -> Tensor:
+        """Early-exit LM loss: the next-token losses (targets (N,), -100: none) of the states after
+        layers 1 .. L-1 (each (N, D)) through the shared head, layer l weighted by l, averaged."""
+        weights = range(1, len(states) + 1)
+        losses = [w * F.cross_entropy(self.lm_head(state), target, ignore_index=-100) for w, state in zip(weights, states)]
+        return sum(losses) / sum(weights)
 
     @torch.no_grad()
     def _update_anchors(self, tokens: Tensor, query: Tensor, anchor_key: Tensor) -> None:
