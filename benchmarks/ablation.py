@@ -20,7 +20,7 @@ from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 from tmt_pyg.data import SequenceLoader
 from tmt_pyg.train import TrainConfig, evaluate, evaluate_at_threshold, load_checkpoint
 
-from .common import base_parser, finish, markdown_table, new_figure, setup
+from .common import base_parser, finish, markdown_table, mean_std, new_figure, seed_groups, setup
 from .wikitext import DEFAULT_DATA, describe, load_wikitext, train_lm
 
 NAME = "ablation"
@@ -83,13 +83,11 @@ def add_exits_off(result: Dict, cfg: TMTConfig, runs_dir: Path, test: SequenceLo
 def summarise(results: List[Dict]) -> Dict[str, Dict]:
     """Per row: mean/std of test PPL over seeds, work fraction, exit rate, params, train time."""
     rows = {}
-    for row in ROWS:
-        mine = [r for r in results if r["row"] == row]
-        if not mine:
-            continue
+    for row, mine in seed_groups(results, ROWS):
         ppl = [r["test"]["ppl"] for r in mine]
-        rows[row] = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "test_ppl": statistics.mean(ppl),
-                     "test_ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else None, "test_ppls": ppl,
+        mean, std = mean_std(ppl)
+        rows[row] = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "test_ppl": mean,
+                     "test_ppl_std": std, "test_ppls": ppl,
                      "val_ppl": statistics.mean(r["val"]["ppl"] for r in mine),
                      "test_ppl_exits_off": (statistics.mean(r["test_exits_off"]["ppl"] for r in mine)
                                             if all("test_exits_off" in r for r in mine) else None),

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,19 @@ def base_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON, markdown and PNG results")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def seed_groups(results: List[Dict], rows) -> Iterator[Tuple[str, List[Dict]]]:
+    """The cached runs of every row (in ``rows`` order) that has any, as ``(row, runs)``."""
+    for row in rows:
+        mine = [r for r in results if r["row"] == row]
+        if mine:
+            yield row, mine
+
+
+def mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample standard deviation over seeds (None for a single seed)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def setup(args: argparse.Namespace) -> Dict:

@@ -34,7 +34,7 @@ from tmt_pyg.data import SequenceLoader
 from tmt_pyg.data.corpus import load_data
 from tmt_pyg.train import TrainConfig, Trainer, calibrate_threshold, evaluate_at_threshold, load_checkpoint
 
-from .common import base_parser, finish, markdown_table, new_figure, setup
+from .common import base_parser, finish, markdown_table, mean_std, new_figure, seed_groups, setup
 
 NAME = "shakespeare"
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU configuration
@@ -61,8 +61,8 @@ def train_config(args, folder: Path, seed: int) -> TrainConfig:
 def halves(stream: torch.Tensor, seq_len: int, batch_size: int) -> Dict[str, SequenceLoader]:
     """Loaders over the whole validation stream and its two halves (calibration, report)."""
     mid = stream.numel() // 2
-    make = lambda s: SequenceLoader(s, seq_len, batch_size, shuffle=False, drop_last=False)  # noqa: E731
-    return {"all": make(stream), "calibrate": make(stream[:mid]), "report": make(stream[mid:])}
+    parts = {"all": stream, "calibrate": stream[:mid], "report": stream[mid:]}
+    return {name: SequenceLoader(part, seq_len, batch_size, shuffle=False, drop_last=False) for name, part in parts.items()}
 
 
 def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args) -> Dict:
@@ -126,14 +126,11 @@ def eval_times(models: Dict[str, TMTModel], stream: torch.Tensor, batches: int, 
 
 def summarise(results: List[Dict]) -> Dict[str, Dict]:
     rows = {}
-    for row in ROWS:
-        mine = [r for r in results if r["row"] == row]
-        if not mine:
-            continue
+    for row, mine in seed_groups(results, ROWS):
         loss = [r["val"]["loss"] for r in mine]
-        s = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "val_loss": statistics.mean(loss),
-             "val_loss_std": statistics.stdev(loss) if len(loss) > 1 else None, "val_losses": loss,
-             "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
+        mean, std = mean_std(loss)
+        s = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "val_loss": mean, "val_loss_std": std,
+             "val_losses": loss, "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
         if "tau" in mine[0]:
             for key in ("report_exits_off", "report_exits"):
                 s[key] = {m: statistics.mean(r[key][m] for r in mine) for m in ("loss", "exit_rate", "work_fraction")}
