@@ -1,13 +1,16 @@
 """DDP on CPU with gloo, two processes: equal to one process on the global batch, identical ranks,
 exact resume, and the CLI under torchrun."""
-import os
-import subprocess
-import sys
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch import torchrun
 from test_cli import TINY_TRAIN
 from tmt_pyg.data import SequenceLoader, associative_recall_corpus, tokens_to_batch
 from tmt_pyg.models import TMTConfig, TMTModel
@@ -91,21 +94,77 @@ def test_ddp_equals_one_process_on_the_global_batch(tmp_path):
     assert state["train_config"]["world_size"] == WORLD and len(state["rng_per_rank"]) == WORLD
 
 
-def test_torchrun_cli_train_and_resume(tmp_path):
-    out = tmp_path / "run"
+TRAIN_ARGS = ["train", "--threads", "1", "--eval-batches", "2", *TINY_TRAIN]
+DELAYED = str(Path(__file__).with_name("delayed_rank.py"))
+# the collectives of a resumed run of one step (a step that validates and checkpoints), in call order:
+# data-preparation barrier, checkpoint reads (CLI, Trainer.resume), the anchor EMA's two all-reduces in
+# the forward, step metrics, validation sums, stop agreement, the RNG gather of the checkpoint, final barrier
+RESUME_COLLECTIVES = ["barrier:1", "load:1", "load:2", "all_reduce:1", "all_reduce:2", "all_reduce:3", "all_reduce:4",
+                      "all_reduce:5", "all_gather_object:1", "barrier:2"]
 
-    def torchrun(*flags: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               "-m", "tmt_pyg.cli", "train", "--out", str(out), "--threads", "1", "--eval-batches", "2", *TINY_TRAIN, *flags]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done
 
-    first = torchrun("--steps", "2")
-    assert first.stdout.count("final validation PPL") == 1 and f"x {WORLD} rank(s)" in first.stdout
-    second = torchrun("--steps", "3", "--resume")
-    assert second.stdout.count("resumed from") == 1 and "at step 2" in second.stdout
+def train(out, *flags: str, timeout: float = 150, env: Optional[dict] = None, entry: Sequence[str] = ("-m", "tmt_pyg.cli")):
+    """``tmt-pyg train`` under torchrun with two processes; fails the test if it does not exit 0."""
+    done = torchrun([*entry, *TRAIN_ARGS, "--out", str(out), *flags], timeout=timeout, nproc=WORLD, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def check_resumed(out, done, steps: int = 3) -> None:
+    assert done.stdout.count("resumed from") == 1 and "at step 2" in done.stdout
     state = load_checkpoint(out)
-    assert state["step"] == 3 and state["train_config"]["world_size"] == WORLD
+    assert state["step"] == steps and state["train_config"]["world_size"] == WORLD
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3] and all(r["tokens"] == WORLD * 4 * 32 for r in train)
+    assert [r["step"] for r in train] == list(range(1, steps + 1)) and all(r["tokens"] == WORLD * 4 * 32 for r in train)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """A run folder checkpointed at step 2 by torchrun."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    first = train(out, "--steps", "2")
+    assert first.stdout.count("final validation PPL") == 1 and f"x {WORLD} rank(s)" in first.stdout
+    return out
+
+
+def test_torchrun_cli_train_and_resume(two_steps, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_steps, out)
+    check_resumed(out, train(out, "--steps", "3", "--resume"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_with_a_rank_late_at_every_collective(two_steps, tmp_path, rank):
+    """One rank arrives 1.5 s late at each collective of the resume path: the other waits there (or
+    runs ahead to the next one) and the run still ends with the same checkpoint and log."""
+    out = tmp_path / "run"
+    shutil.copytree(two_steps, out)
+    env = {"DELAY_RANK": str(rank), "DELAY_AT": ",".join(RESUME_COLLECTIVES), "DELAY_S": "1.5"}
+    done = train(out, "--steps", "3", "--resume", env=env, entry=[DELAYED])
+    assert done.stderr.count(f"rank {rank}: ") == len(RESUME_COLLECTIVES), done.stderr[-3000:]  # every delay happened
+    check_resumed(out, done)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("point", RESUME_COLLECTIVES)
+def test_resume_with_a_rank_late_at_one_collective(two_steps, tmp_path, point, rank):
+    out = tmp_path / "run"
+    shutil.copytree(two_steps, out)
+    done = train(out, "--steps", "3", "--resume", env={"DELAY_RANK": str(rank), "DELAY_AT": point, "DELAY_S": "8"},
+                 entry=[DELAYED])
+    check_resumed(out, done)
+
+
+def test_a_lost_rank_is_an_error_naming_the_collective(two_steps, tmp_path):
+    """Rank 1 stalls past --dist-timeout before the stop agreement: rank 0 stops with the trainer's
+    message naming that collective and itself, and no process outlives the run."""
+    out = tmp_path / "run"
+    shutil.copytree(two_steps, out)
+    env = {"DELAY_RANK": "1", "DELAY_AT": "all_reduce:5", "DELAY_S": "60"}
+    start = time.monotonic()
+    done = torchrun([DELAYED, *TRAIN_ARGS, "--out", str(out), "--steps", "3", "--resume", "--dist-timeout", "10"],
+                    timeout=150, nproc=WORLD, env=env)
+    assert done.returncode != 0
+    assert "rank 0 of 2: the all-reduce that agrees on stopping did not complete" in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - start < 100  # the stalled rank is ended by torchrun once rank 0 has failed

@@ -179,3 +179,79 @@ def test_bad_train_flags_exit_2(argv, config, message, tmp_path, capsys):
         main(["train", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and re.search(message, err), err
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process, so that collectives mark themselves as waits."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def stop_signals(grace_s: float):
+    """StopSignals whose way out is recorded instead of taken: (signals, exits)."""
+    from tmt_pyg.train.signals import StopSignals
+    exits = []
+    return StopSignals(grace_s=grace_s, exit=exits.append), exits
+
+
+def wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_one_signal_outside_a_collective_only_asks_to_stop(capsys):
+    signals, exits = stop_signals(grace_s=0.2)
+    with signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: signals.signum == signal.SIGTERM)
+        time.sleep(0.5)
+    assert exits == [] and "exiting now" not in capsys.readouterr().err
+
+
+def test_a_second_signal_exits_at_once(capsys):
+    signals, exits = stop_signals(grace_s=60)
+    with signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert wait_for(lambda: signals.signum == signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert wait_for(lambda: exits == [128 + signal.SIGINT])
+    assert "SIGINT (second signal): exiting now" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_stuck_collective_exits_after_the_grace(one_process_group, capsys):
+    from tmt_pyg.train.distributed import collective
+    signals, exits = stop_signals(grace_s=0.3)
+    with signals:
+        with collective("the all-reduce that agrees on stopping"):  # a peer that never comes: the block just waits
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert wait_for(lambda: exits == [128 + signal.SIGTERM], seconds=3)
+    assert "SIGTERM while waiting 0.3 s in the all-reduce that agrees on stopping" in capsys.readouterr().err
+
+
+def test_a_signal_during_a_collective_that_completes_only_asks_to_stop(one_process_group):
+    from tmt_pyg.train.distributed import collective
+    signals, exits = stop_signals(grace_s=0.5)
+    with signals:
+        with collective("the validation sums"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the peers arrive within the grace
+        time.sleep(0.8)
+    assert exits == [] and signals.signum == signal.SIGTERM
+
+
+def test_a_collective_error_names_the_collective_and_the_rank(one_process_group):
+    from tmt_pyg.train.distributed import CollectiveError, collective
+    with pytest.raises(CollectiveError, match=r"rank 0 of 1: the final barrier did not complete: .*Connection closed"):
+        with collective("the final barrier"):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:21143")
+    with pytest.raises(ValueError):  # computation inside a compute block keeps its own errors
+        with collective("a training step", with_compute=True):
+            raise ValueError("shape mismatch")
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        with collective("a training step", with_compute=True):
+            raise RuntimeError("shape mismatch")

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .data.corpus import DEFAULT_TOKENIZER, checkpoint_extra, load_data, make_loader, tokenizer_from_state
+from .train.distributed import DEFAULT_TIMEOUT_S, CollectiveError
 
 TENSORBOARD_IN_OUT = "<out>/tensorboard"  # what a bare --tensorboard means, resolved once --out is known
 
@@ -129,6 +130,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", dest="out_dir", default=d.out_dir, help="run folder: metrics.jsonl, metrics.png, checkpoints/")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from a checkpoint file or run folder (bare --resume: the newest in --out, if any)")
+    g.add_argument("--dist-timeout", dest="dist_timeout", type=number(float, 0, inclusive=False), default=DEFAULT_TIMEOUT_S,
+                   help="under torchrun: seconds a rank waits for the others in one collective before it stops with an error")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward (one graph for equal-length batches)")
     g.add_argument("--tensorboard", dest="tensorboard_dir", nargs="?", const=TENSORBOARD_IN_OUT, default=None, metavar="DIR",
@@ -227,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         main_process_first, resolve_device, seed_everything)
 
     set_threads(args.threads)
-    with distributed(resolve_device(args.device)) as (rank, world_size, device):
+    with distributed(resolve_device(args.device), args.dist_timeout) as (rank, world_size, device):
         say = print if rank == 0 else (lambda *_: None)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
         cfg = TrainConfig(**{**values, "rank": rank, "world_size": world_size, "device": str(device)})
@@ -636,7 +639,8 @@ def main(argv: Optional[list] = None) -> int:
         args.tensorboard_dir = str(Path(args.out_dir) / "tensorboard")
     try:
         return args.run(args)
-    except (OSError, ValueError, FloatingPointError, ImportError) as e:  # missing files or extras, no network, bad data, divergence
+    except (OSError, ValueError, FloatingPointError, ImportError, CollectiveError) as e:  # missing files or extras, no network,
+        # bad data, divergence, a lost peer rank
         print(f"tmt-pyg {args.command}: error: {e}", file=sys.stderr)
         return 1
 

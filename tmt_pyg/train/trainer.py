@@ -5,7 +5,6 @@ import json
 import math
 import random
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import all_reduce, wrap_ddp
+from .distributed import all_reduce, collective, wrap_ddp
 from .plots import plot_metrics, read_metrics
+from .signals import StopSignals
 from .tensorboard import make_tensorboard_logger
 
 
@@ -146,7 +146,8 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
     if distributed:
         totals = torch.tensor([loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches],
                               dtype=torch.float64, device=device)
-        loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches = all_reduce(totals).tolist()
+        totals = all_reduce(totals, name="the all-reduce of the validation sums")
+        loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches = totals.tolist()
         n_targets, hits, n_answers = int(n_targets), int(hits), int(n_answers)
     if n_targets == 0:
         raise ValueError("evaluation loader produced no next-token targets (empty or too-short sequences)")
@@ -186,7 +187,8 @@ class Trainer:
         self.gate_params = [p for name, p in params if "exit_gate." in name]
         self.trunk_params = [p for name, p in params if "exit_gate." not in name]
         self.scheduler = LambdaLR(self.optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
-        self.step = self.skipped = self.signal = 0
+        self.step = self.skipped = 0
+        self.stop = StopSignals()  # SIGINT / SIGTERM: stop after the current step
         self.is_main = cfg.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -202,7 +204,8 @@ class Trainer:
                  "extra": self.extra}
         if self.cfg.world_size > 1:
             state["rng_per_rank"] = [None] * self.cfg.world_size
-            dist.all_gather_object(state["rng_per_rank"], state["rng"])
+            with collective("the gather of the ranks' RNG states for the checkpoint"):
+                dist.all_gather_object(state["rng_per_rank"], state["rng"])
         return state
 
     def save(self) -> Optional[Path]:
@@ -271,13 +274,14 @@ class Trainer:
             batch = next(batches).to(self.device)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if last or self.ddp is model else self.ddp.no_sync():  # one all-reduce per step
-                with autocast(self.device, cfg.bf16):
-                    out = self.forward(model_input(batch), compute_loss=True)
-                (out.loss / cfg.grad_accum).backward()
+                with collective("the training step's anchor EMA and gradient all-reduces", with_compute=True):
+                    with autocast(self.device, cfg.bf16):
+                        out = self.forward(model_input(batch), compute_loss=True)
+                    (out.loss / cfg.grad_accum).backward()
             sums = sums + torch.stack([out.loss, out.lm_loss, out.exit_rate, out.work_fraction]).detach().float()
             tokens += batch.num_nodes
         grad_norm, gate_norm = self.clip_gradients()
-        means = all_reduce(sums / cfg.grad_accum) / cfg.world_size  # a NaN on any rank reaches every rank
+        means = all_reduce(sums / cfg.grad_accum, name="the all-reduce of the step's metrics") / cfg.world_size  # a NaN on any rank reaches every rank
         checks = [grad_norm.float(), gate_norm.float()] + [b.isfinite().all().float() for b in model.buffers() if b.is_floating_point()]
         loss, lm_loss, exit_rate, work, grad_norm, gate_norm, *buffers_finite = torch.cat([means, torch.stack(checks)]).tolist()
         if math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(gate_norm) and all(buffers_finite):
@@ -319,29 +323,12 @@ class Trainer:
         self.log({"split": "val", "step": self.step, **result})
         return result
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT / SIGTERM only record themselves in ``self.signal``; :meth:`fit` acts at the end of the step."""
-        self.signal = 0
-        if threading.current_thread() is not threading.main_thread():  # handlers can only be set from there
-            yield
-            return
-
-        def record(signum, frame):
-            self.signal = self.signal or signum
-
-        previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
     def _stop_signal(self) -> int:
         """The signal that asks to stop (0: none); under DDP the ranks agree on it."""
         if self.cfg.world_size == 1:
-            return self.signal
-        return int(all_reduce(torch.tensor([self.signal], device=self.device), dist.ReduceOp.MAX))
+            return self.stop.signum
+        return int(all_reduce(torch.tensor([self.stop.signum], device=self.device), dist.ReduceOp.MAX,
+                              name="the all-reduce that agrees on stopping"))
 
     def fit(self, stop_at: Optional[int] = None) -> Optional[dict]:
         """Train until ``cfg.steps`` (or ``stop_at``, checkpointing there); returns the last evaluation.
@@ -353,7 +340,7 @@ class Trainer:
         batches = self._batches()
         eval_every = cfg.eval_every or cfg.steps
         ckpt_every = cfg.ckpt_every or eval_every
-        with self._stop_on_signals(), tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+        with self.stop, tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                                            dynamic_ncols=True, desc="train") as bar:
             while self.step < stop_at:
                 rec = self.train_step(batches)
