@@ -5,6 +5,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# the slot attention runs eagerly in the tests (and the CLIs they start), so that the suite does not pay a
+# compile per model configuration; tests/test_fused_slots.py checks the compiled op against it
+os.environ.setdefault("TMT_PYG_COMPILE", "0")
 
 DATA_DIR = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .data.corpus import DEFAULT_TOKENIZER, checkpoint_extra, load_data, make_loader, tokenizer_from_state
+from .layers.slot_attention import set_compile
 from .train.distributed import DEFAULT_TIMEOUT_S, CollectiveError
 
 TENSORBOARD_IN_OUT = "<out>/tensorboard"  # what a bare --tensorboard means, resolved once --out is known
@@ -85,6 +86,8 @@ def add_runtime_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
+    g.add_argument("--no-compile", dest="no_compile", action="store_true",
+                   help="run the slot attention eagerly instead of as a compiled fused op (as TMT_PYG_COMPILE=0 does)")
     if seed:
         g.add_argument("--seed", type=int, default=0, help="random seed")
 
@@ -635,6 +638,10 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         args = apply_config_file(parser, argv, args)
+    if getattr(args, "no_compile", False):
+        if getattr(args, "compile", False):
+            parser.error("--compile and --no-compile exclude each other")
+        set_compile(False)
     if getattr(args, "tensorboard_dir", None) == TENSORBOARD_IN_OUT:
         args.tensorboard_dir = str(Path(args.out_dir) / "tensorboard")
     try:

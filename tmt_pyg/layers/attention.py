@@ -12,6 +12,7 @@ from torch_geometric.utils import softmax
 
 from .decay import TemporalDecay
 from .rotary import apply_rotary
+from .slot_attention import fused_slot_attention
 
 
 class MeshAttentionConv(MessagePassing):
@@ -126,24 +127,11 @@ class MeshAttentionConv(MessagePassing):
         values (M, H, C) every target also reads (memory anchors: timeless, decay 1), joined to the
         slots in one softmax. Returns the output (A, width) and alpha (A, S + M, H).
         """
-        A, S = slot_index.shape
-        H, C = self.heads, self.out_channels
-        # (A, S, H, C) rows gathered once; products summed in place of einsum, which would copy them
-        flat_index = slot_index.reshape(-1)  # index_select: its backward is an index_add, not a sorting index_put
-        key_slots = key.reshape(-1, H * C).index_select(0, flat_index).view(A, S, H, C)
-        score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~slot_valid.unsqueeze(-1), float("-inf"))  # (A, S, H)
-        if memory is not None:
-            score = torch.cat([score, torch.einsum("ahc,mhc->amh", query, memory[0])], dim=1)  # (A, S + M, H)
-        alpha = (score / math.sqrt(C)).softmax(dim=1)
-        if self.decay is not None:
-            pos_src, pos_dst = pos
-            gamma = self.decay(pos_dst.unsqueeze(1), pos_src[slot_index])  # (A, S, H)
-            alpha = torch.cat([alpha[:, :S] * gamma, alpha[:, S:]], dim=1) if memory is not None else alpha * gamma
-        weights = F.dropout(alpha, p=self.dropout, training=self.training)
-        value_slots = value.reshape(-1, H * C).index_select(0, flat_index).view(A, S, H, C)
-        out = (weights[:, :S].unsqueeze(-1) * value_slots).sum(1)  # (A, H, C)
-        if memory is not None:
-            out = out + torch.einsum("amh,mhc->ahc", weights[:, S:], memory[1])
+        pos_src, pos_dst = pos
+        decay = self.decay
+        out, alpha = fused_slot_attention(query, key, value, slot_index, slot_valid, *(memory or (None, None)),
+                                          None if decay is None else decay.decay_scalars, pos_dst, pos_src,
+                                          1 if decay is None else decay.max_seq_len, self.dropout, self.training)
         return self.combine_heads(out), alpha
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, t_i: OptTensor, t_j: OptTensor,

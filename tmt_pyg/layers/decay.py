@@ -7,6 +7,14 @@ from torch import Tensor
 from torch.nn import Parameter
 
 
+def decay_factor(rate: Tensor, t_i: Tensor, t_j: Tensor, max_seq_len: int) -> Tensor:
+    """``2 sigmoid(-rate * |t_i - t_j| / max_seq_len)`` per head, 1 where ``t_j < 0`` (timeless nodes).
+    ``rate`` (H,), ``t_i``/``t_j`` (...) broadcastable positions -> (..., H)."""
+    delta = (t_i - t_j).abs().to(rate.dtype).unsqueeze(-1) / max_seq_len
+    gamma = 2 * torch.sigmoid(-rate * delta)
+    return torch.where((t_j < 0).unsqueeze(-1), torch.ones_like(gamma), gamma)
+
+
 class TemporalDecay(torch.nn.Module):
     r"""Per-head decay factor of an edge ``j -> i``:
 
@@ -42,9 +50,7 @@ class TemporalDecay(torch.nn.Module):
         return F.softplus(self.omega)
 
     def forward(self, t_i: Tensor, t_j: Tensor) -> Tensor:
-        delta = (t_i - t_j).abs().to(self.omega.dtype).unsqueeze(-1) / self.max_seq_len  # (E, 1)
-        gamma = 2 * torch.sigmoid(-self.decay_scalars * delta)  # (E, H)
-        return torch.where((t_j < 0).unsqueeze(-1), torch.ones_like(gamma), gamma)
+        return decay_factor(self.decay_scalars, t_i, t_j, self.max_seq_len)
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(heads={self.heads}, decay_rate={self.decay_rate}, max_seq_len={self.max_seq_len})"
