@@ -8,6 +8,7 @@ calls :func:`fused_slot_attention`, which compiles it once per shape family (rag
 row counts dynamic after their first change) and falls back to it, with a one-line notice, where
 compiling is off (``TMT_PYG_COMPILE=0``, ``tmt-pyg ... --no-compile``) or fails.
 """
+import inspect
 import math
 import os
 import shutil
@@ -21,43 +22,145 @@ from torch import Tensor
 from .decay import decay_factor
 
 
-def slot_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
-                   memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
-                   decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None, pos_src: Optional[Tensor] = None,
-                   max_seq_len: int = 1, dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor]:
+def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
+                 memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
+                 decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None, pos_src: Optional[Tensor] = None,
+                 max_seq_len: int = 1, dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Softmax attention of targets over their slots, decay after the softmax, then dropout.
 
     ``query`` (A, H, C); ``key``/``value`` (N, H, C); ``index``/``valid`` (A, S) source rows of the
     slots (invalid ones point anywhere in range); ``memory_key``/``memory_value`` (M, H, C) rows every
     target also reads, in the same softmax, timeless (decay 1); ``decay_rate`` (H,) with ``pos_dst``
-    (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot. Returns the output (A, H, C) and
-    the weights actually used before dropout, alpha (A, S + M, H).
+    (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot. Returns the output (A, H, C), the
+    weights actually used before dropout, alpha (A, S + M, H), and the softmax before the decay
+    (A, S + M, H).
     """
     A, S = index.shape
     H, C = query.shape[1:]
     scale = 1.0 / math.sqrt(C)
-    flat = index.reshape(-1)  # index_select of (N, H*C) rows: its backward is an index_add, not a sorting index_put
-    key_slots = key.reshape(-1, H * C).index_select(0, flat).view(A, S, H, C)
+    key_slots = gather_rows(key, index)
     score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~valid.unsqueeze(-1), float("-inf"))  # (A, S, H)
     if memory_key is not None:
-        score = torch.cat([score, torch.einsum("ahc,mhc->amh", query, memory_key)], dim=1)  # (A, S + M, H)
-    alpha = (score * scale).softmax(dim=1)
+        score = torch.cat([score, pair_sum(query, memory_key, "ahc,mhc->amh")], dim=1)  # (A, S + M, H)
+    prob = (score * scale).softmax(dim=1)
+    alpha = prob
     if decay_rate is not None:
         gamma = decay_factor(decay_rate, pos_dst.unsqueeze(1), pos_src[index], max_seq_len)  # (A, S, H)
-        alpha = torch.cat([alpha[:, :S] * gamma, alpha[:, S:]], dim=1) if memory_key is not None else alpha * gamma
+        alpha = torch.cat([prob[:, :S] * gamma, prob[:, S:]], dim=1) if memory_key is not None else prob * gamma
     weights = F.dropout(alpha, p=dropout, training=training)
-    value_slots = value.reshape(-1, H * C).index_select(0, flat).view(A, S, H, C)
-    out = (weights[:, :S].unsqueeze(-1) * value_slots).sum(1)  # (A, H, C)
+    out = (weights[:, :S].unsqueeze(-1) * gather_rows(value, index)).sum(1)  # (A, H, C)
     if memory_key is not None:
-        out = out + torch.einsum("amh,mhc->ahc", weights[:, S:], memory_value)
+        out = out + pair_sum(weights[:, S:], memory_value, "amh,mhc->ahc")
+    return out, alpha, prob
+
+
+def pair_sum(a: Tensor, b: Tensor, equation: str) -> Tensor:
+    """``einsum(equation, a, b)`` for the small memory block (M rows): eagerly a batched matmul; under
+    the compiler a broadcast product and sum, which fuses into the surrounding loop instead of copying
+    its operands into a matmul layout."""
+    if not torch.compiler.is_compiling():
+        return torch.einsum(equation, a, b)
+    inputs, output = equation.split("->")
+    left, right = inputs.split(",")
+    axes = "".join(dict.fromkeys(left + right))  # every index once, in order of appearance
+    expand = lambda t, names: t.permute(*[names.index(c) for c in axes if c in names]).reshape(
+        [t.size(names.index(c)) if c in names else 1 for c in axes])
+    summed = [i for i, c in enumerate(axes) if c not in output]
+    product = (expand(a, left) * expand(b, right)).sum(summed)
+    kept = [c for c in axes if c in output]
+    return product.permute(*[kept.index(c) for c in output])
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``x[index]`` of ``x`` (N, H, C) for ``index`` (A, S) -> (A, S, H, C), gathered as (N, H*C)
+    rows (``index_select``: its backward is an index_add, not a sorting index_put)."""
+    return x.reshape(x.size(0), -1).index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
+def slot_attention(*args, **kwargs) -> Tuple[Tensor, Tensor]:
+    """The eager reference: :func:`slot_forward`'s output and alpha, differentiated by autograd."""
+    out, alpha, _ = slot_forward(*args, **kwargs)
     return out, alpha
 
 
+def slot_backward(grad_out: Tensor, grad_alpha: Optional[Tensor], query: Tensor, key: Tensor, value: Tensor, index: Tensor,
+                  memory_key: Optional[Tensor], memory_value: Optional[Tensor], decay_rate: Optional[Tensor],
+                  pos_dst: Optional[Tensor], pos_src: Optional[Tensor], max_seq_len: int, alpha: Tensor, prob: Tensor
+                  ) -> Tuple[Tensor, ...]:
+    """Gradients of :func:`slot_forward` without dropout, from the saved ``alpha`` and ``prob``: the
+    slots' keys and values are gathered again (cheaper than saving (A, S, H, C) copies), and the
+    source rows' gradients are summed by one ``index_add`` each. Returns the gradients of query, key,
+    value, memory_key, memory_value and decay_rate (None where an input is None)."""
+    A, S = index.shape
+    scale = 1.0 / math.sqrt(query.size(-1))
+    grad_alpha_slots = (grad_out.unsqueeze(1) * gather_rows(value, index)).sum(-1)  # (A, S, H)
+    if memory_key is not None:
+        grad_alpha_slots = torch.cat([grad_alpha_slots, pair_sum(grad_out, memory_value, "ahc,mhc->amh")], dim=1)
+    grad_a = grad_alpha_slots if grad_alpha is None else grad_alpha_slots + grad_alpha  # (A, S + M, H)
+    grad_rate = None
+    if decay_rate is not None:
+        src_pos = pos_src[index]
+        gamma = decay_factor(decay_rate, pos_dst.unsqueeze(1), src_pos, max_seq_len)  # (A, S, H)
+        grad_gamma = grad_a[:, :S] * prob[:, :S]
+        delta = (pos_dst.unsqueeze(1) - src_pos).abs().to(gamma.dtype).unsqueeze(-1) / max_seq_len
+        timed = (src_pos >= 0).unsqueeze(-1)  # d gamma / d rate = -delta * gamma * (1 - gamma / 2); timeless: 0
+        grad_rate = torch.where(timed, -grad_gamma * delta * gamma * (1 - gamma / 2), 0.0).sum((0, 1))
+        grad_p = torch.cat([grad_a[:, :S] * gamma, grad_a[:, S:]], dim=1)
+    else:
+        grad_p = grad_a
+    grad_score = prob * (grad_p - (prob * grad_p).sum(1, keepdim=True)) * scale  # softmax backward, (A, S + M, H)
+    grad_query = (grad_score[:, :S].unsqueeze(-1) * gather_rows(key, index)).sum(1)
+    flat = index.reshape(-1)
+    H, C = query.shape[1:]
+    grad_key = key.new_zeros(key.size(0), H * C).index_add_(
+        0, flat, (grad_score[:, :S].unsqueeze(-1) * query.unsqueeze(1)).reshape(A * S, H * C)).view_as(key)
+    grad_value = value.new_zeros(value.size(0), H * C).index_add_(
+        0, flat, (alpha[:, :S].unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(A * S, H * C)).view_as(value)
+    grad_mk = grad_mv = None
+    if memory_key is not None:
+        grad_query = grad_query + pair_sum(grad_score[:, S:], memory_key, "amh,mhc->ahc")
+        grad_mk = pair_sum(grad_score[:, S:], query, "amh,ahc->mhc")
+        grad_mv = pair_sum(alpha[:, S:], grad_out, "amh,ahc->mhc")
+    return grad_query, grad_key, grad_value, grad_mk, grad_mv, grad_rate
+
+
+class FusedSlotAttention(torch.autograd.Function):
+    """:func:`slot_forward` (no dropout) and :func:`slot_backward`, each compiled into fused loops."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len):
+        out, alpha, prob = compiled("forward")(query, key, value, index, valid, memory_key, memory_value, decay_rate,
+                                               pos_dst, pos_src, max_seq_len)
+        ctx.save_for_backward(query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob)
+        ctx.max_seq_len = max_seq_len
+        ctx.set_materialize_grads(False)
+        return out, alpha
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_alpha):
+        query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(query)
+        grads = compiled("backward")(grad_out, grad_alpha, query, key, value, index, memory_key, memory_value, decay_rate,
+                                     pos_dst, pos_src, ctx.max_seq_len, alpha, prob)
+        q, k, v, mk, mv, rate = grads
+        return q, k, v, None, None, mk, mv, rate, None, None, None
+
+
 class _Fused:
-    """The compiled :func:`slot_attention` and whether to use it (decided on first use)."""
-    fn = None
+    """The compiled pieces and whether to use them (decided on first use)."""
+    fns: dict = {}
     enabled: Optional[bool] = None
     reason = ""
+
+
+def compiled(name: str):
+    """``torch.compile`` of :func:`slot_forward` (``"forward"``, with autograd off inside the op),
+    :func:`slot_backward` (``"backward"``), or the forward without the saved softmax (``"inference"``)."""
+    if name not in _Fused.fns:
+        fn = {"forward": slot_forward, "backward": slot_backward, "inference": slot_attention}[name]
+        _Fused.fns[name] = torch.compile(fn, fullgraph=True)
+    return _Fused.fns[name]
 
 
 def compile_enabled() -> bool:
@@ -85,13 +188,20 @@ def set_compile(enabled: bool) -> None:
 
 def fused_slot_attention(*args, **kwargs) -> Tuple[Tensor, Tensor]:
     """:func:`slot_attention`, compiled where :func:`compile_enabled` (same arguments, same results to
-    float tolerance). Inside a graph that is already being compiled it is traced as it is."""
+    float tolerance): in training the hand-written :class:`FusedSlotAttention`, whose forward saves
+    alpha and the softmax only; without gradients (or with attention dropout) the compiled forward.
+    Inside a graph that is already being compiled it is traced as it is."""
     if torch.compiler.is_compiling() or not compile_enabled():
         return slot_attention(*args, **kwargs)
-    if _Fused.fn is None:
-        _Fused.fn = torch.compile(slot_attention, fullgraph=True)
+    args = inspect.signature(slot_forward).bind(*args, **kwargs)
+    args.apply_defaults()
+    *inputs, dropout, training = args.args
     try:
-        return _Fused.fn(*args, **kwargs)
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs[:8]):
+            return compiled("inference")(*inputs, dropout, training)
+        if dropout > 0 and training:  # random weights: autograd through the compiled forward
+            return compiled("inference")(*inputs, dropout, training)
+        return FusedSlotAttention.apply(*inputs)
     except torch._dynamo.exc.TorchDynamoException as e:  # a missing toolchain or a compiler bug: say so once, stay eager
         _Fused.enabled, _Fused.reason = False, f"compiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"tmt_pyg: slot attention runs eagerly ({_Fused.reason})", file=sys.stderr)
