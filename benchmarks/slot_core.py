@@ -16,12 +16,13 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importa
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import base_parser, finish, markdown_table, setup, time_interleaved
+from benchmarks.common import base_parser, finish, markdown_table, new_figure, setup, time_interleaved
 from tmt_pyg.layers import DynamicMesh
 from tmt_pyg.layers import slot_attention as slots
 
 NAME = "slot_core"
 TARGETS = {"forward": 0.5, "forward + backward": 1.0}
+FUSED = "slots, fused op"  # compiled unless TMT_PYG_COMPILE=0 (then the same eager code: the tests)
 
 
 def inputs(B: int, S: int, H: int, C: int, k: int, window: int, M: int, generator: torch.Generator) -> Dict:
@@ -51,8 +52,7 @@ def candidates(x: Dict) -> Dict[str, callable]:
             return out.sum().backward() if backward else out
         return run
 
-    return {"fused causal SDPA": sdpa, "slots, eager": with_slots(slots.slot_attention),
-            "slots, compiled fused op": with_slots(slots.fused_slot_attention)}
+    return {"fused causal SDPA": sdpa, "slots, eager": with_slots(slots.slot_attention), FUSED: with_slots(slots.fused_slot_attention)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -64,7 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         args.seq_lens, args.tokens, args.repeats, H, C = [64], 128, 1, 2, 8
     info = setup(args)
-    slots.set_compile(True)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for S in args.seq_lens:
@@ -79,17 +78,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for S in args.seq_lens:
         at = {r["core"]: r for r in rows if r["S"] == S}
         for what, key in (("forward", "forward_ms"), ("forward + backward", "forward_backward_ms")):
-            ratio = at["slots, compiled fused op"][key] / at["fused causal SDPA"][key]
+            ratio = at[FUSED][key] / at["fused causal SDPA"][key]
             checks.append({"S": S, "what": what, "ratio": ratio, "target": TARGETS[what], "holds": ratio <= TARGETS[what]})
     report = [f"{args.tokens} tokens per batch, {H} heads of {C}; slots: k={k} content + window {window} + self "
               f"(the default mesh's table, built by `DynamicMesh` on random queries and keys), {M} memory anchors, "
-              f"decay on. Median of {args.repeats} after {args.warmup} warm-up, candidates called alternately.",
+              f"decay on. The fused op {'compiled' if slots.compile_enabled() else 'NOT compiled (TMT_PYG_COMPILE=0)'}. "
+              f"Median of {args.repeats} after {args.warmup} warm-up, candidates called alternately.",
               markdown_table(["S", "B", "attention core", "forward ms", "forward + backward ms"],
                              [(r["S"], r["B"], r["core"], r["forward_ms"], r["forward_backward_ms"]) for r in rows]),
-              markdown_table(["S", "compiled slots / SDPA time", "measured", "goal", ""],
+              markdown_table(["S", "fused slots / SDPA time", "measured", "goal", ""],
                              [(c["S"], c["what"], f"{c['ratio']:.2f}x", f"<= {c['target']}x",
                                "holds" if c["holds"] else "**missed**") for c in checks])]
-    return finish(NAME, args, info, report, {"rows": rows, "checks": checks}, argv=argv)
+    fig, axes = new_figure(ncols=2, width=5.0)
+    names = list(dict.fromkeys(r["core"] for r in rows))
+    for ax, key, title in zip(axes, ("forward_ms", "forward_backward_ms"), ("forward", "forward + backward")):
+        for i, name in enumerate(names):
+            mine = [r for r in rows if r["core"] == name]
+            ax.bar([j + 0.27 * (i - 1) for j in range(len(mine))], [r[key] for r in mine], width=0.27, label=name)
+        ax.set(xticks=range(len(args.seq_lens)), xticklabels=[f"S={S}" for S in args.seq_lens], ylabel="ms",
+               title=f"{title}, {args.threads} threads")
+        ax.legend(fontsize=8)
+    return finish(NAME, args, info, report, {"rows": rows, "checks": checks, "compiled": slots.compile_enabled()}, fig, argv=argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import ablation, decode, exit_cause, exit_speed, memory, mesh_backends, recall, shakespeare, speed  # noqa: E402
+from benchmarks import (ablation, decode, exit_cause, exit_speed, memory, mesh_backends, recall, shakespeare,  # noqa: E402
+                        slot_core, speed)
 
 
 @pytest.fixture(autouse=True)
@@ -149,3 +150,10 @@ def test_exit_cause(tmp_path):
     assert len(rows) == 6 and all(finite_positive(r["val_loss"], r["trunk_step_scale"]) for r in rows.values())
     assert rows["vanilla (no gates)"]["gate_to_trunk_norm"] == 0
     assert all(r["gate_to_trunk_norm"] > 0 for name, r in rows.items() if name != "vanilla (no gates)")
+
+
+def test_slot_core(tmp_path):
+    result = run_quick(slot_core, tmp_path)
+    assert {r["core"] for r in result["rows"]} == {"fused causal SDPA", "slots, eager", slot_core.FUSED}
+    assert all(finite_positive(r["forward_ms"], r["forward_backward_ms"]) for r in result["rows"])
+    assert {c["what"] for c in result["checks"]} == set(slot_core.TARGETS)
