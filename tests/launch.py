@@ -3,11 +3,13 @@
 torchrun starts each worker in a session of its own, so killing the launcher (as a plain
 ``subprocess.run(timeout=...)`` does) leaves the workers running, orphaned. Here every process of the
 launch carries a marker in its environment, and on a timeout, or when the call ends for any other
-reason, every process that still carries it is killed.
+reason, every process that still carries it is killed (on a timeout after printing its stacks).
 """
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from typing import Optional, Sequence
 
@@ -26,6 +28,25 @@ def marked(token: str) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        return f"  pid {proc.pid} ({proc.status()}, parent {proc.ppid()}, RANK={proc.environ().get('RANK', '-')}): " \
+               f"{' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return f"  pid {proc.pid} (gone)"
+
+
+def dump_stacks(token: str) -> None:
+    """Ask every process of the launch for its threads' Python stacks (``tmt-pyg train`` prints them to
+    its stderr on SIGUSR1, see ``faulthandler`` in the CLI) before it is killed."""
+    for proc in marked(token):
+        try:
+            proc.send_signal(signal.SIGUSR1)
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(2)
 
 
 def kill_marked(token: str) -> int:
@@ -54,9 +75,11 @@ def torchrun(args: Sequence[str], timeout: float, nproc: int = 2, env: Optional[
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        killed = kill_marked(token)
+        alive = "\n".join(describe(p) for p in marked(token))
+        dump_stacks(token)
+        kill_marked(token)
         out, err = proc.communicate()
-        raise TimeoutError(f"torchrun {' '.join(args)} still running after {timeout:.0f} s: killed its {killed} processes\n"
+        raise TimeoutError(f"torchrun {' '.join(args)} still running after {timeout:.0f} s; killed:\n{alive}\n"
                            f"--- stdout\n{out[-2000:]}\n--- stderr\n{err[-4000:]}") from None
     finally:
         kill_marked(token)

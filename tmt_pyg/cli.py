@@ -1,7 +1,9 @@
 """``tmt-pyg``: train, evaluate, sample, benchmark and demo the TemporalMesh Transformer."""
 import argparse
 import dataclasses
+import faulthandler
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -233,6 +235,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         main_process_first, resolve_device, seed_everything)
 
     set_threads(args.threads)
+    if hasattr(signal, "SIGUSR1"):  # kill -USR1 <pid>: every thread's stack on stderr, e.g. of a rank that hangs
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     with distributed(resolve_device(args.device), args.dist_timeout) as (rank, world_size, device):
         say = print if rank == 0 else (lambda *_: None)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
