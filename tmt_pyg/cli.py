@@ -235,8 +235,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         main_process_first, resolve_device, seed_everything)
 
     set_threads(args.threads)
-    if hasattr(signal, "SIGUSR1"):  # kill -USR1 <pid>: every thread's stack on stderr, e.g. of a rank that hangs
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:  # kill -USR1 <pid>: every thread's stack, e.g. of a stuck rank
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     with distributed(resolve_device(args.device), args.dist_timeout) as (rank, world_size, device):
         say = print if rank == 0 else (lambda *_: None)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -270,6 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         except TrainingInterrupted as e:  # checkpointed: exit as the signal would have (128 + signum)
             print(f"tmt-pyg train: {e}", file=sys.stderr)
             return 128 + e.signum
+        finally:
+            trainer.close()
         say(f"final validation {summary(result)}")
         say(f"run folder: {cfg.out_dir} (metrics.jsonl, metrics.png, checkpoints/)")
     return 0

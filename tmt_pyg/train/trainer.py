@@ -195,6 +195,12 @@ class Trainer:
         self.tensorboard = make_tensorboard_logger(cfg.tensorboard_dir) if cfg.tensorboard_dir and self.is_main else None
         self.last_eval: Optional[dict] = None
 
+    def close(self) -> None:
+        """Drop the DistributedDataParallel wrapper. Its reducer holds the process group: released here,
+        the group's last owner is the process-group registry, and ``destroy_process_group`` frees it at a
+        known point (with the GIL released) rather than whenever the trainer happens to be collected."""
+        self.ddp = self.forward = self.model
+
     def state_dict(self) -> dict:
         """Everything an exact resume needs; under DDP every rank calls it (it gathers each rank's RNG state)."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
