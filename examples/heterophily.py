@@ -1,0 +1,269 @@
+"""Heterophilous node classification (Platonov et al., ICLR 2023): Minesweeper, Tolokers (ROC-AUC) and
+Chameleon-filtered (accuracy) on their 10 given splits, mesh nets next to the paper's PyG baselines.
+
+Every model is the paper's architecture: linear encoder -> ``layers`` residual blocks
+``x + FFN([LayerNorm(x) || neighbourhood(LayerNorm(x))])`` (the "sep" design: the node's own state
+kept apart from what it reads) -> LayerNorm -> linear head. The blocks differ only in how they read
+the neighbourhood:
+
+* ``gcn``, ``sage``, ``gat``: PyG's GCNConv, SAGEConv (mean, no root weight), GATConv (no self loops);
+* ``gps``: PyG's GPSConv (SAGEConv local + Performer global attention, LayerNorm) in place of the block;
+* ``mesh``: MeshAttentionConv over the given edges ∪ a kNN mesh;
+* ``mesh_sep``: two MeshAttentionConvs, one over the given edges and one over the kNN mesh alone.
+
+The mesh (``DynamicMesh(causal=False)``) links every node to the ``k`` nodes nearest to it in a
+learned ``mesh_dim``-dim projection of its state, rebuilt at every forward; the projection is part of
+the block's FFN input, so the task trains it. Low-dimensional, so torch-cluster's KD-tree finds the
+mesh fast on CPU. Training: full batch, Adam, early stopping on the validation metric (test metric at
+the best validation epoch; stop after ``patience`` epochs without a new best). Every finished
+(dataset, model, split) is saved as JSON under ``--out``, so a rerun continues where one stopped, and
+each dataset's table as ``--out/<dataset>/summary.json``.
+
+The datasets are read from ``../shared/data/heterophilous`` (copied to ``~/.cache/tmt_pyg`` once, or
+wherever ``--cache-dir`` says); PyG downloads Minesweeper and Tolokers when no local copy exists.
+
+    python examples/heterophily.py --threads 1                            # all datasets and models, 10 splits
+    python examples/heterophily.py --datasets tolokers --splits 0 1 --epochs 100 --eval-every 5
+    python examples/heterophily.py --datasets minesweeper --models sage mesh_sep --hidden 64
+    python examples/heterophily.py --quick                                # tiny slice (tests)
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.data import Data
+from torch_geometric.nn import GATConv, GCNConv, GPSConv, SAGEConv
+from torch_geometric.utils import coalesce, subgraph, to_undirected
+
+from tmt_pyg import DynamicMesh, MeshAttentionConv
+from tmt_pyg.data import dataset_root
+from tmt_pyg.report import markdown_table
+
+DATASETS = {"minesweeper": "roc_auc", "tolokers": "roc_auc", "chameleon_filtered": "acc"}
+MODELS = ("gcn", "sage", "gat", "gps", "mesh", "mesh_sep")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def load(name: str, data_dir=None, cache_dir=None) -> Data:
+    """One dataset with ``train_mask``/``val_mask``/``test_mask`` (N, 10), undirected edges."""
+    root = dataset_root("heterophilous", data_dir, cache_dir)
+    if name != "chameleon_filtered":  # PyG has no class for it; read it the way the class reads the others
+        from torch_geometric.datasets import HeterophilousGraphDataset
+        return HeterophilousGraphDataset(str(root), name.capitalize())[0]
+    raw = np.load(root / name / "raw" / f"{name}.npz")
+    x, y = torch.from_numpy(raw["node_features"]), torch.from_numpy(raw["node_labels"])
+    edge_index = to_undirected(torch.from_numpy(raw["edges"]).t().contiguous(), num_nodes=x.size(0))
+    masks = {f"{part}_mask": torch.from_numpy(raw[f"{part}_masks"]).t().contiguous() for part in ("train", "val", "test")}
+    return Data(x=x, y=y, edge_index=edge_index, **masks)
+
+
+def first_nodes(data: Data, n: int) -> Data:
+    """The subgraph of the first ``n`` nodes (a tiny slice for quick runs)."""
+    keep = torch.arange(min(n, data.num_nodes))
+    edge_index, _ = subgraph(keep, data.edge_index, num_nodes=data.num_nodes)
+    return Data(x=data.x[keep], y=data.y[keep], edge_index=edge_index, train_mask=data.train_mask[keep],
+                val_mask=data.val_mask[keep], test_mask=data.test_mask[keep])
+
+
+def roc_auc(score: Tensor, y: Tensor) -> float:
+    """Area under the ROC curve of ``score`` (N,) for binary labels ``y`` (N,), ties at average rank."""
+    sorted_score, order = score.sort()
+    _, inverse, counts = torch.unique_consecutive(sorted_score, return_inverse=True, return_counts=True)
+    rank = torch.empty_like(score, dtype=torch.double).scatter_(0, order, (counts.cumsum(0) - (counts - 1) / 2)[inverse].double())
+    pos, neg = int(y.sum()), int((1 - y).sum())
+    return ((rank[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg)).item()
+
+
+# ----------------------------------------------------------------------------------------- models
+
+class MeshRead(nn.Module):
+    """MeshAttentionConv (``heads`` x ``hidden / heads``) over a kNN mesh of a learned ``mesh_dim``-dim
+    projection ``p`` of the states, united with the given edges (``with_graph``) or alone. Returns
+    ``[attention output || p]`` (N, hidden + mesh_dim): ``p`` joins the FFN input, which is what trains
+    it (the mesh search itself has no gradient). ``mesh_time``: seconds spent building meshes in
+    training mode (projection, kNN search, union with the graph)."""
+
+    def __init__(self, hidden: int, heads: int, k: int, mesh_dim: int, dropout: float, with_graph: bool):
+        super().__init__()
+        self.proj, self.mesh = nn.Linear(hidden, mesh_dim), DynamicMesh(k, causal=False)
+        self.conv = MeshAttentionConv(hidden, hidden // heads, heads=heads, dropout=dropout, decay=False)
+        self.with_graph, self.mesh_time = with_graph, 0.0
+
+    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        start = time.perf_counter()
+        p = self.proj(h)  # (N, mesh_dim)
+        if self.with_graph:  # variable degree: PyG's propagate over the union
+            mesh_edges, _ = self.mesh(p)  # (2, N * (k + 1)) with self edges
+            edges = coalesce(torch.cat([edge_index, mesh_edges], dim=1), num_nodes=h.size(0))
+        else:  # fixed degree: the neighbour-table fast path
+            slots = self.mesh.slots(p)  # (N, k + 1)
+        if self.training:
+            self.mesh_time += time.perf_counter() - start
+        if self.with_graph:
+            return torch.cat([self.conv(h, edges), p], dim=-1)
+        key, value = self.conv.project_key_value(h, None)
+        out, _ = self.conv.attend_slots(self.conv.project_query(h, None), key, value, slots.index, slots.valid, (None, None))
+        return torch.cat([out, p], dim=-1)
+
+
+class SepBlock(nn.Module):
+    """``x + FFN([LayerNorm(x) || read(LayerNorm(x)) for read in reads])``, FFN = Linear -> dropout ->
+    GELU -> Linear -> dropout (Platonov et al.'s residual block with ego/neighbour separation).
+    ``read_width``: the summed output widths of ``reads``. (N, hidden) -> (N, hidden)."""
+
+    def __init__(self, hidden: int, reads: List[nn.Module], read_width: int, dropout: float):
+        super().__init__()
+        self.norm, self.reads = nn.LayerNorm(hidden), nn.ModuleList(reads)
+        self.ffn = nn.Sequential(nn.Linear(hidden + read_width, hidden), nn.Dropout(dropout), nn.GELU(),
+                                 nn.Linear(hidden, hidden), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = self.norm(x)
+        return x + self.ffn(torch.cat([h] + [read(h, edge_index) for read in self.reads], dim=-1))
+
+
+class Net(nn.Module):
+    """Linear -> dropout -> GELU -> blocks -> LayerNorm -> linear class scores. (N, F) -> (N, classes)."""
+
+    def __init__(self, in_channels: int, hidden: int, classes: int, blocks: List[nn.Module], dropout: float):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(in_channels, hidden), nn.Dropout(dropout), nn.GELU())
+        self.blocks, self.norm, self.head = nn.ModuleList(blocks), nn.LayerNorm(hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = self.encoder(x)
+        for block in self.blocks:
+            h = block(h, edge_index)
+        return self.head(self.norm(h))
+
+
+def build(name: str, args, in_channels: int, classes: int) -> Net:
+    """The model ``name`` at the shared width, depth and dropout."""
+    d, heads, drop = args.hidden, args.heads, args.dropout
+    mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph)
+    block = {
+        "gcn": lambda: SepBlock(d, [GCNConv(d, d)], d, drop),
+        "sage": lambda: SepBlock(d, [SAGEConv(d, d, root_weight=False)], d, drop),
+        "gat": lambda: SepBlock(d, [GATConv(d, d // heads, heads=heads, add_self_loops=False, dropout=drop)], d, drop),
+        "gps": lambda: GPSConv(d, SAGEConv(d, d), heads=heads, dropout=drop, attn_type="performer",
+                               attn_kwargs=dict(head_channels=d // heads), norm="layer_norm", norm_kwargs=dict(mode="node")),
+        "mesh": lambda: SepBlock(d, [mesh(True)], d + args.mesh_dim, drop),
+        "mesh_sep": lambda: SepBlock(d, [MeshAttentionConv(d, d // heads, heads=heads, dropout=drop, decay=False),
+                                         mesh(False)], 2 * d + args.mesh_dim, drop),
+    }[name]
+    return Net(in_channels, d, classes, [block() for _ in range(args.layers)], drop)
+
+
+# -------------------------------------------------------------------------------------- training
+
+def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, float]:
+    """Full-batch training on split ``split``, evaluated after every epoch; returns the test metric at
+    the best validation metric (first best), the epochs run, the run time and the share of the
+    training steps' time spent building meshes."""
+    train, val, test = (getattr(data, f"{part}_mask")[:, split] for part in ("train", "val", "test"))
+    score = (lambda out, mask: roc_auc(out[mask, 1] - out[mask, 0], data.y[mask])) if metric == "roc_auc" else \
+        (lambda out, mask: (out[mask].argmax(-1) == data.y[mask]).float().mean().item())
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    best_val, test_at_best, best_epoch, train_time, epoch = -1.0, 0.0, 0, 0.0, 0
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        step_start = time.perf_counter()
+        model.train()
+        opt.zero_grad()
+        F.cross_entropy(model(data.x, data.edge_index)[train], data.y[train]).backward()
+        opt.step()
+        train_time += time.perf_counter() - step_start
+        if epoch % args.eval_every and epoch < args.epochs:
+            continue
+        model.eval()
+        with torch.no_grad():
+            out = model(data.x, data.edge_index)
+        if (v := score(out, val)) > best_val:
+            best_val, test_at_best, best_epoch = v, score(out, test), epoch
+        if epoch - best_epoch >= args.patience:
+            break
+    mesh_time = sum(getattr(m, "mesh_time", 0.0) for m in model.modules())
+    return dict(test=test_at_best, val=best_val, best_epoch=best_epoch, epochs=epoch,
+                time=time.perf_counter() - start, epoch_time=train_time / epoch, mesh_share=mesh_time / train_time)
+
+
+def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    tests = [r["test"] for r in runs]
+    return dict(test=statistics.mean(tests), test_std=statistics.pstdev(tests), splits=len(runs),
+                time=statistics.mean(r["time"] for r in runs), epochs=statistics.mean(r["epochs"] for r in runs),
+                epoch_time=statistics.mean(r["epoch_time"] for r in runs),
+                mesh_share=statistics.mean(r["mesh_share"] for r in runs))
+
+
+def main(argv=None) -> Dict[str, Dict[str, Dict]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--splits", nargs="+", type=int, default=list(range(10)), help="which of the 10 given splits")
+    p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
+    p.add_argument("--data-dir", help="folder holding heterophilous/*/raw (default: $TMT_DATA_DIR or ../shared/data)")
+    p.add_argument("--cache-dir", help="writable copy of the datasets (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
+    p.add_argument("--out", default="runs/heterophily", help="one JSON per finished (dataset, model, split)")
+    p.add_argument("--hidden", type=int, default=32, help="width of every model (the paper: 512)")
+    p.add_argument("--layers", type=int, default=2, help="residual blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (GAT, GPS, mesh)")
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=200, help="most full-batch steps (the paper: 1000)")
+    p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without a better validation metric")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the paper: 1)")
+    p.add_argument("--k", type=int, default=8, help="mesh neighbours per node")
+    p.add_argument("--mesh-dim", type=int, default=4, help="dimension of the learned projection the mesh is searched on")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.hidden, args.epochs, args.splits = 16, 5, args.splits[:1]
+    settings = {key: getattr(args, key) for key in ("quick", "hidden", "layers", "heads", "dropout", "lr", "epochs",
+                                                    "patience", "eval_every", "k", "mesh_dim")}
+
+    results: Dict[str, Dict[str, Dict]] = {}
+    for dataset in args.datasets:
+        data = load(dataset, args.data_dir, args.cache_dir)
+        if args.quick:
+            data = first_nodes(data, 600)
+        classes, metric = int(data.y.max()) + 1, DATASETS[dataset]
+        results[dataset] = {}
+        for name in args.models:
+            runs = []
+            for split in args.splits:
+                path = Path(args.out) / dataset / name / f"split{split}.json"
+                cached = json.loads(path.read_text()) if path.exists() else None
+                if cached is None or cached["settings"] != settings:
+                    torch.manual_seed(split)
+                    cached = dict(settings=settings, **fit(build(name, args, data.num_features, classes), data, split, metric, args))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(cached, indent=1))
+                runs.append(cached)
+            results[dataset][name] = summarize(runs)
+        summary = dict(argv=argv if argv is not None else sys.argv[1:], settings=settings, splits=args.splits,
+                       results=results[dataset])
+        (Path(args.out) / dataset / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"\n{dataset}: {data.num_nodes:,} nodes, {data.num_edges:,} directed edges, {data.num_features:,} features, "
+              f"{classes} classes; test {metric} at the best validation epoch; {torch.get_num_threads()} thread(s)")
+        print(markdown_table(
+            ["model", f"test {metric} (mean ± std, %)", "splits", "epochs run", "s / run", "s / training epoch",
+             "mesh build / training epoch"],
+            [(name, f"{100 * r['test']:.2f} ± {100 * r['test_std']:.2f}", r["splits"], f"{r['epochs']:.0f}",
+              f"{r['time']:.1f}", f"{r['epoch_time']:.3f}", f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-")
+             for name, r in results[dataset].items()]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
