@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importa
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from benchmarks.common import base_parser, finish, markdown_table, new_figure, setup, time_interleaved
 from tmt_pyg.layers import DynamicMesh
@@ -74,6 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         for name in fns:
             rows.append({"S": S, "B": max(1, args.tokens // S), "core": name, "forward_ms": forward[name]["median_ms"],
                          "forward_backward_ms": both[name]["median_ms"]})
+    graphs = counters["stats"]["unique_graphs"]  # forward, backward, inference: a few per length, not one per call
     checks = []
     for S in args.seq_lens:
         at = {r["core"]: r for r in rows if r["S"] == S}
@@ -82,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             checks.append({"S": S, "what": what, "ratio": ratio, "target": TARGETS[what], "holds": ratio <= TARGETS[what]})
     report = [f"{args.tokens} tokens per batch, {H} heads of {C}; slots: k={k} content + window {window} + self "
               f"(the default mesh's table, built by `DynamicMesh` on random queries and keys), {M} memory anchors, "
-              f"decay on. The fused op {'compiled' if slots.compile_enabled() else 'NOT compiled (TMT_PYG_COMPILE=0)'}. "
+              f"decay on. The fused op {'compiled' if slots.compile_enabled() else 'NOT compiled (TMT_PYG_COMPILE=0)'} "
+              f"({graphs} graphs compiled in the whole run). "
               f"Median of {args.repeats} after {args.warmup} warm-up, candidates called alternately.",
               markdown_table(["S", "B", "attention core", "forward ms", "forward + backward ms"],
                              [(r["S"], r["B"], r["core"], r["forward_ms"], r["forward_backward_ms"]) for r in rows]),
@@ -98,7 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         ax.set(xticks=range(len(args.seq_lens)), xticklabels=[f"S={S}" for S in args.seq_lens], ylabel="ms",
                title=f"{title}, {args.threads} threads")
         ax.legend(fontsize=8)
-    return finish(NAME, args, info, report, {"rows": rows, "checks": checks, "compiled": slots.compile_enabled()}, fig, argv=argv)
+    return finish(NAME, args, info, report, {"rows": rows, "checks": checks, "compiled": slots.compile_enabled(),
+                                                      "graphs_compiled": graphs}, fig, argv=argv)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,16 @@ def test_signal_checkpoints_the_step_and_resume_continues(signum, tmp_path, caps
     args = ["train", "--out", str(out), *TINY_TRAIN, "--eval-every", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "tmt_pyg.cli", *args, "--steps", "10000", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text().count("\n") < 2:
-        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.1)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text().count("\n") < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:  # a training of 10,000 steps must not outlive a failed test
+        proc.kill()
+        proc.wait()
     step = load_checkpoint(out)["step"]
     assert proc.returncode == 128 + signum, err
     assert f"{signal.Signals(signum).name}: stopped after step {step}" in err and "--resume" in err

@@ -2,13 +2,12 @@
 (and a dense block of memory rows), compiled by ``torch.compile`` into one loop per direction.
 
 Written as elementwise products and sums rather than einsum, so that inductor fuses the gathers,
-scores, softmax, decay and weighted sum into one C++/OpenMP loop on CPU (Triton on GPU) instead of
+scores, softmax, decay and weighted sum into one C++ loop on CPU (Triton on GPU) instead of
 tiny batched matmuls over gathered copies. :func:`slot_attention` is the eager reference; the model
 calls :func:`fused_slot_attention`, which compiles it once per shape family (ragged batches mark the
 row counts dynamic after their first change) and falls back to it, with a one-line notice, where
 compiling is off (``TMT_PYG_COMPILE=0``, ``tmt-pyg ... --no-compile``) or fails.
 """
-import inspect
 import math
 import os
 import shutil
@@ -129,8 +128,8 @@ class FusedSlotAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len):
-        out, alpha, prob = compiled("forward")(query, key, value, index, valid, memory_key, memory_value, decay_rate,
-                                               pos_dst, pos_src, max_seq_len)
+        out, alpha, prob = run_compiled("forward", query, key, value, index, valid, memory_key, memory_value, decay_rate,
+                                        pos_dst, pos_src, max_seq_len)
         ctx.save_for_backward(query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob)
         ctx.max_seq_len = max_seq_len
         ctx.set_materialize_grads(False)
@@ -141,8 +140,8 @@ class FusedSlotAttention(torch.autograd.Function):
         query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(query)
-        grads = compiled("backward")(grad_out, grad_alpha, query, key, value, index, memory_key, memory_value, decay_rate,
-                                     pos_dst, pos_src, ctx.max_seq_len, alpha, prob)
+        grads = run_compiled("backward", grad_out, grad_alpha, query, key, value, index, memory_key, memory_value, decay_rate,
+                                 pos_dst, pos_src, ctx.max_seq_len, alpha, prob)
         q, k, v, mk, mv, rate = grads
         return q, k, v, None, None, mk, mv, rate, None, None, None
 
@@ -160,13 +159,31 @@ class _Fused:
     reason = ""
 
 
+EAGER = {"forward": slot_forward, "backward": slot_backward, "inference": slot_attention}
+# one graph per (heads, head width, slots, which of memory / decay / alpha-gradient are present, grad mode):
+# a process that builds many model configurations (a test suite, a sweep) needs more than dynamo's default 8
+RECOMPILE_LIMIT = 64
+
+
 def compiled(name: str):
     """``torch.compile`` of :func:`slot_forward` (``"forward"``, with autograd off inside the op),
     :func:`slot_backward` (``"backward"``), or the forward without the saved softmax (``"inference"``)."""
     if name not in _Fused.fns:
-        fn = {"forward": slot_forward, "backward": slot_backward, "inference": slot_attention}[name]
-        _Fused.fns[name] = torch.compile(fn, fullgraph=True, options=CPU_OPTIONS)
+        _Fused.fns[name] = torch.compile(EAGER[name], fullgraph=True, options=CPU_OPTIONS)
     return _Fused.fns[name]
+
+
+def run_compiled(name: str, *args):
+    """``compiled(name)(*args)``; where compiling fails (a missing toolchain, a compiler bug, more shapes
+    than :data:`RECOMPILE_LIMIT`) the eager function instead, from then on, after a one-line notice."""
+    if compile_enabled():
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(name)(*args)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+            _Fused.enabled, _Fused.reason = False, f"compiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"tmt_pyg: slot attention runs eagerly ({_Fused.reason})", file=sys.stderr)
+    return EAGER[name](*args)
 
 
 def compile_enabled() -> bool:
@@ -192,23 +209,20 @@ def set_compile(enabled: bool) -> None:
     _Fused.enabled, _Fused.reason = enabled, "" if enabled else "TMT_PYG_COMPILE=0"
 
 
-def fused_slot_attention(*args, **kwargs) -> Tuple[Tensor, Tensor]:
-    """:func:`slot_attention`, compiled where :func:`compile_enabled` (same arguments, same results to
-    float tolerance): in training the hand-written :class:`FusedSlotAttention`, whose forward saves
-    alpha and the softmax only; without gradients (or with attention dropout) the compiled forward.
-    Inside a graph that is already being compiled it is traced as it is."""
+def fused_slot_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
+                         memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
+                         decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None,
+                         pos_src: Optional[Tensor] = None, max_seq_len: int = 1, dropout: float = 0.0,
+                         training: bool = False) -> Tuple[Tensor, Tensor]:
+    """:func:`slot_attention` (same arguments, same results to float tolerance), compiled where
+    :func:`compile_enabled`: in training the hand-written :class:`FusedSlotAttention`, whose forward
+    saves alpha and the softmax only; without gradients (or with attention dropout, whose random
+    weights autograd follows) the compiled forward. Inside a graph that is already being compiled it
+    is traced as it is."""
+    inputs = (query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len)
     if torch.compiler.is_compiling() or not compile_enabled():
-        return slot_attention(*args, **kwargs)
-    args = inspect.signature(slot_forward).bind(*args, **kwargs)
-    args.apply_defaults()
-    *inputs, dropout, training = args.args
-    try:
-        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs[:8]):
-            return compiled("inference")(*inputs, dropout, training)
-        if dropout > 0 and training:  # random weights: autograd through the compiled forward
-            return compiled("inference")(*inputs, dropout, training)
-        return FusedSlotAttention.apply(*inputs)
-    except torch._dynamo.exc.TorchDynamoException as e:  # a missing toolchain or a compiler bug: say so once, stay eager
-        _Fused.enabled, _Fused.reason = False, f"compiling failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        print(f"tmt_pyg: slot attention runs eagerly ({_Fused.reason})", file=sys.stderr)
-        return slot_attention(*args, **kwargs)
+        return slot_attention(*inputs, dropout, training)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:8])
+    if not needs_grad or (dropout > 0 and training):
+        return run_compiled("inference", *inputs, dropout, training)
+    return FusedSlotAttention.apply(*inputs)
