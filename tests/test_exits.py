@@ -12,8 +12,9 @@ def run(model, lengths=(40, 25)):
     return model(tokens_to_batch(seqs), output_hidden_states=True)
 
 
-def test_exited_state_is_frozen_bit_for_bit():
-    model = make_model(n_layers=4, **CONFIGS["exits-firing"])
+@pytest.mark.parametrize("name", ["exits-firing", "routed"])
+def test_exited_state_is_frozen_bit_for_bit(name):
+    model = make_model(n_layers=4, **CONFIGS[name])
     out = run(model)
     masks, hidden = out.exit_masks, out.hidden_states
     assert bool(masks[1:].any()), "the test needs exits"

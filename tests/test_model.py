@@ -14,6 +14,7 @@ CONFIGS = {
     "cluster-backend": dict(mesh_backend="cluster"),
     "window": dict(mesh_window=3),
     "attention-mesh": dict(mesh_similarity="attention", mesh_window=2, exit_threshold=0.6),
+    "routed": dict(mesh_search="routed", route_block=4, route_top=2, mesh_window=2, exit_threshold=0.6),
 }
 
 
@@ -47,7 +48,7 @@ def test_exits_actually_fire_in_the_causality_config():
     assert 0 < float(out.exit_rate) < 1
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "dense-decay-anchors", "vanilla"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "dense-decay-anchors", "vanilla", "routed"])
 def test_batch_invariance(name):
     model = make_model(**CONFIGS[name])
     seqs = [torch.randint(0, 50, (n,)) for n in (17, 40, 5, 29)]

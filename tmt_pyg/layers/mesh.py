@@ -7,7 +7,11 @@ from torch import Tensor
 
 import torch_cluster
 
+from .routed_search import routed_knn
+from .topk import top_slots
+
 BACKENDS = ("auto", "dense", "cluster")
+SEARCHES = ("exact", "routed")
 
 
 class MeshSlots(NamedTuple):
@@ -34,30 +38,6 @@ def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
     """Sorted batch vector (N,) -> CSR pointer (B+1,)."""
     counts = torch.bincount(batch, minlength=num_graphs or 0)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-
-
-def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
-    """Columns of the ``k`` largest allowed entries of every row of ``sim`` (..., R, C), exactly.
-
-    Exact ties go to the later column (the most recent token), so the choice depends on the row's
-    own candidates only, not on how rows were blocked or batched. ``allowed=None``: the entries
-    not allowed are already ``-inf``. Returns column ids (..., R, k) and their validity
-    (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the rest invalid.
-    """
-    C = sim.size(-1)
-    kk = min(k, C)
-    sim = sim.float() if allowed is None else sim.float().masked_fill(~allowed, float("-inf"))
-    kth = sim.topk(kk, dim=-1).values[..., -1:]  # the k-th largest value of each row
-    # rank by (above the k-th value, column): every entry above it, then the latest of those equal
-    # to it (none when the row has fewer than k candidates); integers below 2**24 are exact in float32
-    col = torch.arange(C, device=sim.device, dtype=torch.float32)
-    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & (kth > float("-inf")), col, -1.0))
-    top, index = rank.topk(kk, dim=-1)
-    valid = top >= 0
-    if kk < k:  # fewer columns than k: pad with invalid slots
-        pad = sim.shape[:-1] + (k - kk,)
-        return torch.cat([index, index.new_zeros(pad)], -1), torch.cat([valid, valid.new_zeros(pad)], -1)
-    return index, valid
 
 
 def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: int = 0,
@@ -201,6 +181,11 @@ class DynamicMesh(torch.nn.Module):
             low-dimensional bidirectional points, dense otherwise; see the README for the measurement).
         block_size (int): query rows per block of the dense backend.
         window (int): previous tokens every token also reads (a local window; 0: the pure kNN mesh).
+        search (str): ``"exact"`` (every earlier token is a candidate) or ``"routed"`` (causal only:
+            the exact top-k among the keys of the ``route_top`` best-scoring earlier blocks of
+            ``route_block`` positions plus the token's own block; see :mod:`.routed_search`).
+        route_block (int): positions per routing block.
+        route_top (int): earlier blocks each token routes to.
 
     Shapes:
         input: ``x`` (N, D), ``batch`` (N,) sorted, optional ``query_index`` (Q,) sorted node ids
@@ -209,8 +194,17 @@ class DynamicMesh(torch.nn.Module):
     """
 
     def __init__(self, k: int, causal: bool = True, backend: str = "auto", block_size: int = 256,
-                 low_dim_threshold: int = 8, window: int = 0):
+                 low_dim_threshold: int = 8, window: int = 0, search: str = "exact", route_block: int = 64,
+                 route_top: int = 4):
         super().__init__()
+        if search not in SEARCHES:
+            raise ValueError(f"unknown mesh search {search!r}; choose one of {SEARCHES}")
+        if search == "routed" and not causal:
+            raise ValueError("the routed search needs a causal mesh (causal=True)")
+        for name, value in (("route_block", route_block), ("route_top", route_top)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.search, self.route_block, self.route_top = search, route_block, route_top
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
@@ -246,13 +240,16 @@ class DynamicMesh(torch.nn.Module):
             raise ValueError("separate query vectors (query_x) need a causal mesh")
         target = torch.arange(N, device=x.device) if query_index is None else query_index
         backend = self.resolve_backend(x.size(1))
-        regular = seq_len is not None and query_index is None and self.causal and backend == "dense"
+        routed = self.search == "routed"
+        regular = seq_len is not None and (routed or (query_index is None and self.causal and backend == "dense"))
         if not regular or self.window:  # the flat search and the window slots need each graph's start
             if batch is None:
                 batch = torch.arange(N, device=x.device) // (seq_len or N)
             ptr = batch_to_ptr(batch)
         if target.numel() == 0:  # every token exited
             index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
+        elif routed:
+            index, valid = self._routed(u, uq, batch, None if regular else ptr, target, seq_len)
         elif regular:
             pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window,
                                                  None if uq is None else uq.view(-1, seq_len, uq.size(1)))
@@ -268,6 +265,28 @@ class DynamicMesh(torch.nn.Module):
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
         return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u, uq)
+
+    def routed_pairs(self, num_queries: int, seq_len: int) -> int:
+        """(query, key) pairs the routed search scores: block summaries and candidate keys."""
+        return num_queries * ((self.route_top + 1) * self.route_block + -(-seq_len // self.route_block))
+
+    def _routed(self, u: Tensor, uq: Optional[Tensor], batch: Tensor, ptr: Optional[Tensor], target: Tensor,
+                seq_len: Optional[int]) -> Tuple[Tensor, Tensor]:
+        """Routed search of the targets on a (B, S, D) layout: a view for equal lengths (``ptr=None``,
+        no host sync), else the sequences padded to the longest. Returns node ids (Q, k), validity."""
+        D = u.size(1)
+        if ptr is None:
+            unit, query_unit = u.view(-1, seq_len, D), (u if uq is None else uq).view(-1, seq_len, D)
+            row, pos, start = target // seq_len, target % seq_len, target - target % seq_len
+        else:
+            pos_all = torch.arange(u.size(0), device=u.device) - ptr[batch]
+            shape = (ptr.numel() - 1, int((ptr[1:] - ptr[:-1]).max()), D)
+            unit = u.new_zeros(shape).index_put_((batch, pos_all), u)
+            query_unit = unit if uq is None else uq.new_zeros(shape).index_put_((batch, pos_all), uq)
+            row, pos = batch[target], pos_all[target]
+            start = ptr[row]
+        found, valid = routed_knn(unit, query_unit, row, pos, self.k, self.route_block, self.route_top, self.window)
+        return found + start.unsqueeze(1), valid
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,
                 query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -302,4 +321,5 @@ class DynamicMesh(torch.nn.Module):
 
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""
-        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r}{window})"
+        routed = f", search='routed', route_block={self.route_block}, route_top={self.route_top}" if self.search == "routed" else ""
+        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r}{window}{routed})"

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, fields
 from typing import Any, Dict
 
-from ..layers.mesh import BACKENDS
+from ..layers.mesh import BACKENDS, SEARCHES
 
 GATE_LOSSES = ("consistency", "decisiveness", "none")
 MESH_SIMILARITIES = ("auto", "state", "attention")
@@ -20,6 +20,10 @@ class TMTConfig:
     mesh_similarity: str = "auto"  # what the kNN compares: "state" (normalised token states, the seed's
     # mesh) | "attention" (each layer's own rotated queries against its keys, every head normalised);
     # "auto": attention for a causal model, state for a bidirectional one
+    mesh_search: str = "exact"  # "exact": every earlier token is a candidate (O(S^2) search) | "routed": the
+    # exact top-k among the route_top best earlier blocks of route_block positions + the own block
+    route_block: int = 64  # positions per routing block (mesh_search="routed")
+    route_top: int = 4  # earlier blocks every token routes to (mesh_search="routed")
     decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
     exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
     dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
@@ -54,7 +58,7 @@ class TMTConfig:
             if not isinstance(value, allowed) or (isinstance(value, bool) and f.type is not bool):
                 raise TypeError(f"TMTConfig: {f.name} must be {f.type.__name__}, got {value!r}")
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "graph_k", "max_seq_len", "ffn_stream_dim",
-                     "mlp_dim", "gate_sample"):
+                     "mlp_dim", "gate_sample", "route_block", "route_top"):
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.mesh_window == -1:  # the defaults chosen by measurement (README: the mesh), causal models only
             self.mesh_window = 8 if self.causal else 0
@@ -73,6 +77,8 @@ class TMTConfig:
         need(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
         need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
+        need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
+        need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")
         need(self.exit_loss_weight >= 0, f"exit_loss_weight must be >= 0, got {self.exit_loss_weight}")
         need(self.gate_loss_weight >= 0, f"gate_loss_weight must be >= 0, got {self.gate_loss_weight}")

@@ -138,7 +138,8 @@ class TMTModel(nn.Module):
         self.wpe = None if cfg.rope else nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.embed_scale = math.sqrt(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.mesh = (DynamicMesh(cfg.graph_k, causal=cfg.causal, backend=cfg.mesh_backend, window=cfg.mesh_window)
+        self.mesh = (DynamicMesh(cfg.graph_k, causal=cfg.causal, backend=cfg.mesh_backend, window=cfg.mesh_window,
+                                 search=cfg.mesh_search, route_block=cfg.route_block, route_top=cfg.route_top)
                      if cfg.use_mesh else None)
         self.anchors = (MemoryAnchors(cfg.memory_anchors, cfg.d_model, cfg.anchor_momentum, init_std=0.02 * self.embed_scale)
                         if cfg.use_anchors else None)
@@ -309,7 +310,12 @@ class TMTModel(nn.Module):
         A = active_tokens.numel()
         all_active = A == N
         target = None if all_active else active_tokens
-        mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal) if self.mesh is not None else 0
+        if self.mesh is None:
+            mesh_pairs = 0
+        elif self.mesh.search == "routed":
+            mesh_pairs = self.mesh.routed_pairs(A, ctx.seq_len or int(ctx.pos.max()) + 1)
+        else:
+            mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal)
         if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
             pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
             key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)

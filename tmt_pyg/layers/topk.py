@@ -1,0 +1,29 @@
+"""Exact top-k of masked similarity rows with a fixed tie rule, shared by every mesh search."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
+    """Columns of the ``k`` largest allowed entries of every row of ``sim`` (..., R, C), exactly.
+
+    Exact ties go to the later column (the most recent token), so the choice depends on the row's
+    own candidates only, not on how rows were blocked or batched. ``allowed=None``: the entries
+    not allowed are already ``-inf``. Returns column ids (..., R, k) and their validity
+    (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the rest invalid.
+    """
+    C = sim.size(-1)
+    kk = min(k, C)
+    sim = sim.float() if allowed is None else sim.float().masked_fill(~allowed, float("-inf"))
+    kth = sim.topk(kk, dim=-1).values[..., -1:]  # the k-th largest value of each row
+    # rank by (above the k-th value, column): every entry above it, then the latest of those equal
+    # to it (none when the row has fewer than k candidates); integers below 2**24 are exact in float32
+    col = torch.arange(C, device=sim.device, dtype=torch.float32)
+    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & (kth > float("-inf")), col, -1.0))
+    top, index = rank.topk(kk, dim=-1)
+    valid = top >= 0
+    if kk < k:  # fewer columns than k: pad with invalid slots
+        pad = sim.shape[:-1] + (k - kk,)
+        return torch.cat([index, index.new_zeros(pad)], -1), torch.cat([valid, valid.new_zeros(pad)], -1)
+    return index, valid
