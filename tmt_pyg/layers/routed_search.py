@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .topk import top_slots
 
-GATHER_BYTES = 64 * 2 ** 20  # candidate keys gathered at once
+TILE = 64  # queries per tile of the grouped block products
 
 
 def block_summaries(unit: Tensor, block_size: int) -> Tensor:
@@ -26,6 +26,35 @@ def block_summaries(unit: Tensor, block_size: int) -> Tensor:
     B, S, D = unit.shape
     blocks = -(-S // block_size)
     return F.pad(unit, (0, 0, 0, blocks * block_size - S)).view(B, blocks, block_size, D).mean(2)
+
+
+def grouped_block_scores(query: Tensor, keys: Tensor, row: Tensor, blocks: Tensor) -> Tensor:
+    """Dot products of every query with every key of its blocks: ``query`` (Q, D), ``keys``
+    (B, nb, b, D), ``row`` (Q,), ``blocks`` (Q, R) -> (Q, R, b).
+
+    The (query, block) pairs are grouped by block into tiles of :data:`TILE` queries, and each tile
+    is one (TILE, D) x (D, b) product against its block's keys: matrix products instead of a gather
+    of every query's keys. Every query meets the same product shape however the batch is made up,
+    so its scores do not depend on the other queries. Static shapes (a bound on the tile count).
+    """
+    Q, R = blocks.shape
+    B, nb, b, D = keys.shape
+    P = Q * R
+    group = (row.unsqueeze(1) * nb + blocks).flatten()  # (P,) key block of every pair
+    order = group.argsort(stable=True)
+    sorted_group = group[order]
+    counts = torch.bincount(group, minlength=B * nb)
+    tiles = (counts + TILE - 1) // TILE
+    rank = torch.arange(P, device=query.device) - (counts.cumsum(0) - counts)[sorted_group]  # place in the group
+    tile = (tiles.cumsum(0) - tiles)[sorted_group] + rank // TILE
+    place = tile * TILE + rank % TILE  # row of the pair in the stacked tiles
+    num_tiles = min(P, P // TILE + B * nb)  # sum of ceil(count / TILE) never exceeds either
+    source = torch.full((num_tiles * TILE,), Q, device=query.device).index_copy_(0, place, order // R)  # Q: a zero row
+    query_tiles = torch.cat([query, query.new_zeros(1, D)]).index_select(0, source)
+    tile_block = sorted_group.new_zeros(num_tiles).index_put_((tile,), sorted_group)
+    block_keys = keys.view(B * nb, b, D).index_select(0, tile_block)  # (tiles, b, D)
+    scores = torch.bmm(query_tiles.view(num_tiles, TILE, D), block_keys.transpose(1, 2))  # (tiles, TILE, b)
+    return scores.new_empty(P, b).index_copy_(0, order, scores.view(-1, b).index_select(0, place)).view(Q, R, b)
 
 
 def routed_knn(unit: Tensor, query_unit: Tensor, row: Tensor, pos: Tensor, k: int, block_size: int, top_blocks: int,
@@ -39,23 +68,16 @@ def routed_knn(unit: Tensor, query_unit: Tensor, row: Tensor, pos: Tensor, k: in
     B, S, D = unit.shape
     blocks = -(-S // block_size)
     keys = F.pad(unit, (0, 0, 0, blocks * block_size - S)).view(B, blocks, block_size, D)
-    route = torch.bmm(query_unit, keys.mean(2).transpose(1, 2))[row, pos]  # (Q, blocks), bmm: a row's scores alone
+    route = torch.bmm(query_unit, keys.mean(2).transpose(1, 2))[row, pos]  # (Q, blocks)
     own = pos // block_size
     block_ids = torch.arange(blocks, device=unit.device)
     chosen, routed = top_slots(route, block_ids < own.unsqueeze(1), top_blocks)  # ties to the later block
-    chosen = torch.where(routed, chosen, -1).sort(1).values  # position order; unrouted (-1) first
-    routed = chosen >= 0
-    chosen = torch.cat([chosen.clamp(min=0), own.unsqueeze(1)], 1)  # (Q, top + 1) blocks, own block last
-    offsets = torch.arange(block_size, device=unit.device)
-    cand = (chosen.unsqueeze(-1) * block_size + offsets).flatten(1)  # (Q, C) positions, ascending
-    usable = torch.cat([routed, routed.new_ones(routed.size(0), 1)], 1).repeat_interleave(block_size, 1)
-    usable &= cand < (pos - window).unsqueeze(1)
-    q = query_unit[row, pos]  # (Q, D)
-    per_query = max(1, GATHER_BYTES // (cand.size(1) * D * unit.element_size()))
-    sim = torch.cat([torch.bmm(keys[row[s:s + per_query].unsqueeze(1), chosen[s:s + per_query]].flatten(1, 2),
-                               q[s:s + per_query].unsqueeze(-1)).squeeze(-1)
-                     for s in range(0, pos.numel(), per_query)]) if pos.numel() else cand.new_zeros(0, cand.size(1), dtype=unit.dtype)
-    index, valid = top_slots(sim, usable, k)
+    chosen = torch.cat([torch.where(routed, chosen, own.unsqueeze(1)), own.unsqueeze(1)], 1)  # (Q, top + 1), own last
+    cand = (chosen.unsqueeze(-1) * block_size + torch.arange(block_size, device=unit.device)).flatten(1)  # (Q, C)
+    usable = cand < (pos - window).unsqueeze(1)  # unrouted slots repeat the own block: count it once
+    usable[:, :-block_size] &= routed.repeat_interleave(block_size, 1)
+    sim = grouped_block_scores(query_unit[row, pos], keys, row, chosen).flatten(1)
+    index, valid = top_slots(sim, usable, k, recency=cand)  # ties to the most recent position
     return cand.gather(1, index), valid
 
 

@@ -5,11 +5,12 @@ import torch
 from torch import Tensor
 
 
-def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, Tensor]:
+def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int, recency: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Columns of the ``k`` largest allowed entries of every row of ``sim`` (..., R, C), exactly.
 
-    Exact ties go to the later column (the most recent token), so the choice depends on the row's
-    own candidates only, not on how rows were blocked or batched. ``allowed=None``: the entries
+    Exact ties go to the later column (the most recent token), or to the larger ``recency``
+    (..., R, C) (distinct integers below 2**23, e.g. positions) where the columns are not in order,
+    so the choice depends on the row's own candidates only, not on how rows were blocked or batched. ``allowed=None``: the entries
     not allowed are already ``-inf``. Returns column ids (..., R, k) and their validity
     (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the rest invalid.
     """
@@ -19,8 +20,9 @@ def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int) -> Tuple[Tensor, T
     kth = sim.topk(kk, dim=-1).values[..., -1:]  # the k-th largest value of each row
     # rank by (above the k-th value, column): every entry above it, then the latest of those equal
     # to it (none when the row has fewer than k candidates); integers below 2**24 are exact in float32
-    col = torch.arange(C, device=sim.device, dtype=torch.float32)
-    rank = torch.where(sim > kth, col + C, torch.where((sim == kth) & (kth > float("-inf")), col, -1.0))
+    col = torch.arange(C, device=sim.device, dtype=torch.float32) if recency is None else recency.float()
+    above = col + (C if recency is None else 2 ** 23)
+    rank = torch.where(sim > kth, above, torch.where((sim == kth) & (kth > float("-inf")), col, -1.0))
     top, index = rank.topk(kk, dim=-1)
     valid = top >= 0
     if kk < k:  # fewer columns than k: pad with invalid slots
