@@ -1,17 +1,13 @@
-"""``tmt-pyg``: train, evaluate, sample, benchmark and demo the TemporalMesh Transformer."""
+"""``tmt-pyg``: the command line of the TemporalMesh Transformer (train, evaluate, calibrate, sample, benchmark,
+demo): its flags and subcommands, and the dispatch to ``tmt_pyg.commands``."""
 import argparse
-import dataclasses
-import faulthandler
 import json
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from .data.corpus import DEFAULT_TOKENIZER, checkpoint_extra, load_data, make_loader, tokenizer_from_state
+from . import commands
+from .data.corpus import DEFAULT_TOKENIZER
 from .layers.slot_attention import set_compile
 from .train.distributed import DEFAULT_TIMEOUT_S, CollectiveError
 
@@ -188,322 +184,6 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list, args: argpars
     return parser.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-def summary(result: dict) -> str:
-    recall = "n/a" if result["recall_acc"] is None else f"{result['recall_acc']:.3f}"
-    return (f"PPL {result['ppl']:.2f} | recall accuracy {recall} | exit rate {result['exit_rate']:.3f} "
-            f"| work fraction {result['work_fraction']:.3f}")
-
-
-def model_config(args: argparse.Namespace, vocab_size: int, seq_len: int):
-    """TMTConfig from the parsed flags; an invalid combination is reported as a usage error."""
-    from .models import TMTConfig
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TMTConfig) if hasattr(args, f.name)}
-    values.update(vocab_size=vocab_size, max_seq_len=args.max_seq_len or seq_len)
-    if args.vanilla:
-        values.update(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
-    try:
-        return TMTConfig(**values)
-    except (TypeError, ValueError) as e:
-        args.subparser.error(str(e))
-
-
-def set_threads(n: Optional[int]) -> None:
-    if n is not None:
-        torch.set_num_threads(n)
-
-
-def load_model(path: str, device: str):
-    """Model (eval mode), tokenizer and the raw checkpoint from a checkpoint file or run folder."""
-    from .models import TMTConfig, TMTModel
-    from .train import load_checkpoint, resolve_device
-
-    state = load_checkpoint(path)
-    model = TMTModel(TMTConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(resolve_device(device)).eval(), tokenizer_from_state(state["extra"]["tokenizer"]), state
-
-
-# ---------------------------------------------------------------------------------------------- commands
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """Under torchrun every rank trains on its own shard of the data; rank 0 prints, logs and checkpoints."""
-    from .models import TMTConfig, TMTModel
-    from .train import (Trainer, TrainConfig, TrainingInterrupted, distributed, find_checkpoint, load_checkpoint,
-                        main_process_first, resolve_device, seed_everything)
-
-    set_threads(args.threads)
-    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:  # kill -USR1 <pid>: every thread's stack, e.g. of a stuck rank
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    with distributed(resolve_device(args.device), args.dist_timeout) as (rank, world_size, device):
-        say = print if rank == 0 else (lambda *_: None)
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-        cfg = TrainConfig(**{**values, "rank": rank, "world_size": world_size, "device": str(device)})
-        seed_everything(cfg.seed)
-        ckpt = None
-        if args.resume:
-            ckpt = find_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume)
-            if ckpt is None and args.resume != "latest":
-                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there")
-        state = load_checkpoint(ckpt) if ckpt else None
-        with main_process_first():  # one download / tokenizer training; the other ranks then read the caches
-            tok, data = load_data(args.dataset, args.data_dir, ("train", "validation"),
-                                  tokenizer_from_state(state["extra"]["tokenizer"]) if state else None,
-                                  args.tokenizer, args.bpe_vocab_size, args.synthetic_tokens, cache_dir=cfg.out_dir)
-        mcfg = model_config(args, len(tok), cfg.seq_len)
-        if state:  # the saved architecture, except options set away from their defaults: resume() reports a mismatch
-            given = {k: v for k, v in dataclasses.asdict(mcfg).items()
-                     if v != getattr(TMTConfig, k) and (k != "max_seq_len" or args.max_seq_len)}
-            mcfg = TMTConfig(**{**state["model_config"], **given})
-        model = TMTModel(mcfg)
-        extra = checkpoint_extra(tok, args.dataset, args.data_dir, args.synthetic_tokens)
-        trainer = Trainer(model, make_loader(*data["train"], cfg, True), make_loader(*data["validation"], cfg, False), cfg, extra)
-        if ckpt:
-            trainer.resume(ckpt)
-            say(f"resumed from {ckpt} at step {trainer.step}")
-        say(f"model: {model.num_parameters():,} parameters | vocab {len(tok):,} | train {data['train'][0].numel():,} tokens "
-            f"| device {trainer.device} x {world_size} rank(s) | {torch.get_num_threads()} CPU threads")
-        try:
-            result = trainer.fit()
-        except TrainingInterrupted as e:  # checkpointed: exit as the signal would have (128 + signum)
-            print(f"tmt-pyg train: {e}", file=sys.stderr)
-            return 128 + e.signum
-        finally:
-            trainer.close()
-        say(f"final validation {summary(result)}")
-        say(f"run folder: {cfg.out_dir} (metrics.jsonl, metrics.png, checkpoints/)")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, evaluate
-
-    set_threads(args.threads)
-    model, tok, state = load_model(args.checkpoint, args.device)
-    data_spec = state["extra"]["data"]
-    trained = state["train_config"]
-    cfg = TrainConfig(seq_len=args.seq_len or trained["seq_len"], batch_size=args.batch_size or trained["batch_size"])
-    _, data = load_data(args.dataset or data_spec["dataset"], args.data_dir or data_spec["data_dir"], (args.split,), tok,
-                        synthetic_tokens=data_spec["synthetic_tokens"])
-    result = evaluate(model, make_loader(*data[args.split], cfg, False), next(model.parameters()).device,
-                      args.bf16, args.max_batches)
-    result.update(checkpoint_step=state["step"], split=args.split)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"checkpoint step {state['step']} | {args.split}: {result['targets']:,} target tokens\n"
-              f"loss {result['loss']:.4f} | {summary(result)}")
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, calibrate_threshold, find_checkpoint
-
-    set_threads(args.threads)
-    model, tok, state = load_model(args.checkpoint, args.device)
-    data_spec, trained = state["extra"]["data"], state["train_config"]
-    cfg = TrainConfig(seq_len=trained["seq_len"], batch_size=trained["batch_size"])
-    _, data = load_data(data_spec["dataset"], data_spec["data_dir"], (args.split,), tok, synthetic_tokens=data_spec["synthetic_tokens"])
-    try:
-        result = calibrate_threshold(model, make_loader(*data[args.split], cfg, False), args.tolerance, args.max_batches)
-    except ValueError as e:
-        args.subparser.error(str(e))
-    base, tau = result["exits_off"], result["threshold"]
-    for p in result["points"]:
-        print(f"tau {p['threshold']:.4f}: loss {p['loss']:.4f} ({p['loss'] / base['loss'] - 1:+.2%}) | "
-              f"exit rate {p['exit_rate']:.3f} | work fraction {p['work_fraction']:.3f}")
-    print(f"exits off: loss {base['loss']:.4f}; limit {result['loss_limit']:.4f} (+{args.tolerance:.1%})")
-    if tau is None:
-        print("no threshold keeps the loss within the tolerance: tau set to 1.0 (no token exits)")
-    tau = 1.0 if tau is None else tau
-    state["model_config"]["exit_threshold"] = tau
-    state["calibration"] = {k: v for k, v in result.items() if k != "threshold"} | {"threshold": tau, "split": args.split}
-    file = find_checkpoint(args.checkpoint)
-    tmp = file.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(file)  # atomic: eval and generate now run with this tau
-    print(f"tau = {tau:.4f} stored in {file}")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model, tok, _ = load_model(args.checkpoint, args.device)
-    room = model.config.max_seq_len - args.max_new_tokens + 1  # prompt tokens that fit before the new ones
-    if room < 1:
-        args.subparser.error(f"--max-new-tokens {args.max_new_tokens} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    ids = tok.encode([args.prompt]).tolist()
-    tail = tok.encode([""]).tolist()  # what encode appends after a line (eos / newline)
-    if args.prompt and ids[-len(tail):] == tail:
-        ids = ids[:-len(tail)]
-    idx = torch.tensor([(ids or tail)[-room:]], device=next(model.parameters()).device)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    print(tok.decode(out[0].tolist()))
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .data import tokens_to_batch
-    from .models import TMTModel
-    from .train import autocast, resolve_device, seed_everything
-
-    set_threads(args.threads)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    model = TMTModel(model_config(args, args.vocab_size, args.seq_len)).to(device)
-    batch = tokens_to_batch(torch.randint(args.vocab_size, (args.batch_size, args.seq_len), device=device))
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
-    n_tokens = args.batch_size * args.seq_len
-
-    def timed(fn) -> float:
-        for _ in range(args.warmup_iters):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return n_tokens * args.iters / (time.perf_counter() - t0)
-
-    @torch.no_grad()
-    def forward():
-        model.eval()
-        with autocast(device, args.bf16):
-            return model(batch)
-
-    def train_step():
-        model.train()
-        with autocast(device, args.bf16):
-            loss = model(batch, compute_loss=True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    fwd, train = timed(forward), timed(train_step)
-    out = forward()
-    threads = f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"device {device} ({threads}) | {model.num_parameters():,} parameters | batch {args.batch_size} x {args.seq_len} "
-          f"| bf16 {args.bf16}\nforward (eval): {fwd:,.0f} tok/s | train step (fwd+bwd+AdamW): {train:,.0f} tok/s | "
-          f"eval work fraction {float(out.work_fraction):.3f}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .models import TMTConfig, TMTModel, count_parameters, match_parameters
-    from .train import Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, seed_everything
-
-    set_threads(args.threads)
-    out = Path(args.out_dir)
-    tok, data = load_data(args.dataset, None, ("train", "validation"), synthetic_tokens=args.synthetic_tokens)
-    common = dict(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
-                  max_seq_len=args.seq_len, dropout=0.0)
-    tmt = TMTConfig(**common, graph_k=args.graph_k, mesh_window=args.mesh_window, memory_anchors=args.memory_anchors,
-                    exit_loss_weight=args.exit_loss_weight)
-    vanilla = match_parameters(TMTConfig.vanilla(**common), count_parameters(tmt))
-    print(f"demo: TMT vs a plain transformer (fused SDPA) on {args.dataset} ({data['train'][0].numel():,} train tokens, "
-          f"vocab {len(tok)}), {torch.get_num_threads()} CPU threads")
-    rows, samples = {}, {}
-    for name, mcfg in (("TMT", tmt), ("vanilla", vanilla)):
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
-                          warmup=min(100, max(1, args.steps // 10)), beta2=0.99, eval_every=args.eval_every,
-                          eval_batches=args.eval_batches, out_dir=str(out / name.lower()), seed=args.seed, device=args.device,
-                          bf16=args.bf16, progress=args.progress)
-        seed_everything(cfg.seed)
-        model = TMTModel(mcfg)
-        val = make_loader(*data["validation"], cfg, False)
-        trainer = Trainer(model, make_loader(*data["train"], cfg, True), val, cfg,
-                          checkpoint_extra(tok, args.dataset, None, args.synthetic_tokens))
-        print(f"[{name}] {model.num_parameters():,} parameters: training {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens")
-        t0 = time.perf_counter()
-        trainer.fit()
-        row = {"parameters": model.num_parameters(), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-               "train_time_s": time.perf_counter() - t0}
-        t0 = time.perf_counter()
-        row.update(evaluate_at_threshold(model, val, None), eval_time_s=time.perf_counter() - t0)
-        if mcfg.use_exit:  # tau for at most +tolerance loss, picked on the validation split, then timed there
-            calib = calibrate_threshold(model, val, args.tolerance, max_batches=args.eval_batches)
-            row["tau"] = tau = calib["threshold"] or 1.0
-            t0 = time.perf_counter()
-            at_tau = evaluate_at_threshold(model, val, tau)
-            row.update(eval_time_tau_s=time.perf_counter() - t0, loss_tau=at_tau["loss"], exit_rate=at_tau["exit_rate"],
-                       work_fraction=at_tau["work_fraction"])
-            model.config.exit_threshold = tau
-        rows[name] = row
-        text = args.prompt if args.prompt is not None else "ROMEO:" if args.dataset == "tinyshakespeare" else ""
-        prompt = torch.tensor([tok.encode([text]).tolist()[:-1] or tok.encode([""]).tolist()])
-        samples[name] = tok.decode(sample_cropped(model, prompt, args.sample_tokens, torch.Generator().manual_seed(args.seed)))
-    table = demo_table(rows, args.dataset == "tinyshakespeare")
-    text = table + "\n\n" + "\n\n".join(f"**{name}** sample:\n\n```\n{sample}\n```" for name, sample in samples.items())
-    print("\n" + text)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
-    (out / "results.md").write_text(text + "\n")
-    plot_demo_curves({name: out / name.lower() / "metrics.jsonl" for name in rows}, out / "loss_curves.png")
-    print(f"\nwritten: {out}/results.md, {out}/results.json, {out}/loss_curves.png")
-    return 0
-
-
-@torch.no_grad()
-def sample_cropped(model, prompt, new_tokens: int, generator: torch.Generator) -> list:
-    """Sample ``new_tokens`` after ``prompt`` (1, P), each from a full forward over the last
-    ``max_seq_len`` tokens (so a sample may be longer than the context), temperature 0.8, top-k 40."""
-    from .models.generation import sample_next
-
-    ids = prompt
-    for _ in range(new_tokens):
-        logits = model(ids[:, -model.config.max_seq_len:]).logits[:, -1]
-        ids = torch.cat([ids, sample_next(logits, 0.8, 40, generator=generator)], 1)
-    return ids[0].tolist()
-
-
-NANOGPT_VAL_LOSS = 1.88  # nanoGPT's README: its CPU configuration on Tiny Shakespeare
-
-
-def demo_table(rows: dict, shakespeare: bool) -> str:
-    """Markdown table, one column per model."""
-    fmt = {"parameters": "{:,}", "train_tokens": "{:,}", "loss": "{:.4f}", "train_time_s": "{:.0f} s",
-           "eval_time_s": "{:.1f} s", "tau": "{:.3f}", "loss_tau": "{:.4f}", "eval_time_tau_s": "{:.1f} s",
-           "exit_rate": "{:.3f}", "work_fraction": "{:.3f}"}
-    label = {"parameters": "parameters", "train_tokens": "training tokens",
-             "loss": "val loss" + (f" (nanoGPT: {NANOGPT_VAL_LOSS})" if shakespeare else ""),
-             "train_time_s": "train time", "eval_time_s": "eval time (exits off)", "tau": "calibrated exit threshold tau",
-             "loss_tau": "val loss at tau", "eval_time_tau_s": "eval time at tau", "exit_rate": "exit rate at tau",
-             "work_fraction": "work fraction at tau"}
-    names = list(rows)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    lines += [f"| {label[k]} | " + " | ".join(fmt[k].format(rows[n][k]) if k in rows[n] else "—" for n in names) + " |"
-              for k in fmt]
-    return "\n".join(lines)
-
-
-def plot_demo_curves(metrics: dict, out_path: Path) -> Path:
-    """Training (smoothed) and validation loss of every model against the step, one figure."""
-    from matplotlib.figure import Figure
-
-    from .train import read_metrics
-
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for i, (name, path) in enumerate(metrics.items()):
-        records = read_metrics(path)
-        train = [(r["step"], r["lm_loss"]) for r in records if r["split"] == "train"]
-        width = max(1, len(train) // 50)  # running mean over 2 % of the run
-        smooth = [sum(v for _, v in train[j:j + width]) / width for j in range(len(train) - width + 1)]
-        ax.plot([s for s, _ in train[width - 1:]], smooth, lw=1, color=f"C{i}", label=f"{name} train")
-        val = [(r["step"], r["loss"]) for r in records if r["split"] == "val"]
-        ax.plot(*zip(*val), "o--", color=f"C{i}", label=f"{name} val") if val else None
-    ax.set(xlabel="step", ylabel="next-token loss (nats)", title="TMT vs plain transformer")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    return out_path
-
-
 # ---------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -519,10 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  tmt-pyg bench --d-model 256 --seq-len 512")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def sub(name: str, help: str, description: str, examples: str, usage: str = "%(prog)s [options]") -> argparse.ArgumentParser:
+    def sub(name: str, help: str, description: str, examples: str, checkpoint: bool = False) -> argparse.ArgumentParser:
+        """A subcommand that runs ``commands.cmd_<name>``; ``checkpoint``: it reads a trained run."""
         p = subs.add_parser(name, help=help, description=description, epilog="examples:\n" + examples,
-                            usage=usage, formatter_class=HelpFormatter)
-        p.set_defaults(subparser=p)
+                            usage=f"%(prog)s {'CHECKPOINT ' if checkpoint else ''}[options]", formatter_class=HelpFormatter)
+        p.set_defaults(subparser=p, run=getattr(commands, f"cmd_{name}"))
+        if checkpoint:
+            p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest checkpoint)")
         return p
 
     p = sub("train", "train a model; prints the final validation perplexity",
@@ -542,14 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_train_args(p)
     add_runtime_args(p)
-    p.set_defaults(run=cmd_train)
 
     p = sub("eval", "perplexity, recall accuracy, exit rate and work fraction of a checkpoint",
             "Evaluate a checkpoint on a split of its dataset (or another one with the same tokenizer).",
             "  tmt-pyg eval runs/syn                                   # newest checkpoint of a run\n"
             "  tmt-pyg eval runs/syn/checkpoints/step_00000300.pt --split test --json",
-            usage="%(prog)s CHECKPOINT [options]")
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest checkpoint)")
+            checkpoint=True)
     p.add_argument("--split", default="validation", choices=("validation", "test"), help="split to evaluate")
     add_data_args(p, defaults=False)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="default: the training batch size")
@@ -557,33 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", dest="max_batches", type=int, default=0, help="stop after this many batches (0: all)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_runtime_args(p, seed=False)
-    p.set_defaults(run=cmd_eval)
 
     p = sub("calibrate", "pick the exit threshold tau of a checkpoint on held-out data",
             "Choose the lowest exit threshold (the most exits) whose loss on the split stays within --tolerance of the\n"
             "loss with exits off, and store it in the checkpoint: eval and generate then use it.",
             "  tmt-pyg calibrate runs/shakespeare --tolerance 0.02",
-            usage="%(prog)s CHECKPOINT [options]")
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest checkpoint)")
+            checkpoint=True)
     p.add_argument("--tolerance", type=number(float, 0), default=0.02, help="allowed relative loss rise (0.02: 2%%)")
     p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split to calibrate on")
     p.add_argument("--max-batches", dest="max_batches", type=int, default=0, help="batches per evaluation (0: all)")
     add_runtime_args(p, seed=False)
-    p.set_defaults(run=cmd_calibrate)
 
     p = sub("generate", "sample text from a checkpoint",
             "Continue a prompt with a trained model (temperature / top-k / nucleus sampling).",
             "  tmt-pyg generate runs/syn --prompt 'k3 v9 k7 v2 w5 <q> k7' --max-new-tokens 5\n"
             "  tmt-pyg generate runs/wt2 --prompt 'The meaning of' --temperature 0.8 --top-p 0.9",
-            usage="%(prog)s CHECKPOINT [options]")
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (its newest checkpoint)")
+            checkpoint=True)
     p.add_argument("--prompt", default="", help="text to continue (empty: start from an end-of-line token)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=50, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
     add_runtime_args(p)
-    p.set_defaults(run=cmd_generate)
 
     p = sub("bench", "tokens/s of a configuration (forward and training step) on random tokens",
             "Measure forward (eval mode) and training-step throughput of a model configuration on random\n"
@@ -599,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-iters", dest="warmup_iters", type=int, default=2, help="untimed iterations first")
     add_model_args(p)
     add_runtime_args(p)
-    p.set_defaults(run=cmd_bench)
 
     p = sub("demo", "TMT vs a plain transformer on Tiny Shakespeare at nanoGPT's CPU configuration (minutes on CPU)",
             "Train a TMT (the default configuration) and a plain transformer (the same TMTModel with mesh, decay,\n"
@@ -634,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="out_dir", default="runs/demo", help="output folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     add_runtime_args(p)
-    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Atomic checkpoints with keep-last-N, and the RNG states an exact resume needs."""
+"""Atomic checkpoints with keep-last-N, the RNG states an exact resume needs, and a trained model back
+from a checkpoint or run folder."""
 import os
 import pickle
 import random
@@ -7,6 +8,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from ..data.corpus import tokenizer_from_state
+from ..models import TMTConfig, TMTModel
 
 PathLike = Union[str, os.PathLike]
 
@@ -31,17 +35,11 @@ def list_checkpoints(ckpt_dir: PathLike) -> list:
     return sorted(Path(ckpt_dir).glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
-def save_checkpoint(state: dict, ckpt_dir: PathLike, step: int, keep_last: int = 3) -> Path:
-    """Write ``state`` to ``ckpt_dir/step_{step}.pt`` atomically, then keep only the newest ``keep_last``.
-
-    The file is written to a temporary name in the same directory and moved into place with
-    ``os.replace``, so a crash never leaves a truncated checkpoint under a real name.
-    """
-    assert keep_last >= 1, f"keep_last must be >= 1, got {keep_last}"
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".tmp_", suffix=".pt")
+def write_atomic(state: dict, path: PathLike) -> Path:
+    """``torch.save(state)`` to a temporary file next to ``path``, then ``os.replace``: a crash never leaves a
+    truncated file under a real name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -52,6 +50,15 @@ def save_checkpoint(state: dict, ckpt_dir: PathLike, step: int, keep_last: int =
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def save_checkpoint(state: dict, ckpt_dir: PathLike, step: int, keep_last: int = 3) -> Path:
+    """Write ``state`` to ``ckpt_dir/step_{step}.pt`` atomically, then keep only the newest ``keep_last``."""
+    assert keep_last >= 1, f"keep_last must be >= 1, got {keep_last}"
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = write_atomic(state, ckpt_dir / f"step_{step:08d}.pt")
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink()
     return path
@@ -80,3 +87,12 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:  # what torch.load raises on bad bytes
         raise ValueError(f"checkpoint {file} is corrupted or truncated (or not a tmt-pyg checkpoint): "
                          f"{type(e).__name__}: {e}") from e
+
+
+def load_run(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple:
+    """``(model, tokenizer, state)``: the model (eval mode, on ``device``) and tokenizer of a checkpoint file
+    or run folder (its newest checkpoint), and the raw checkpoint."""
+    state = load_checkpoint(path)
+    model = TMTModel(TMTConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer_from_state(state["extra"]["tokenizer"]), state

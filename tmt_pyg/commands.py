@@ -1,0 +1,165 @@
+"""What each ``tmt-pyg`` subcommand does with its parsed flags (``tmt_pyg.cli`` parses and dispatches)."""
+import argparse
+import dataclasses
+import faulthandler
+import json
+import signal
+import sys
+from typing import Optional
+
+import torch
+
+from .bench import throughput
+from .data.corpus import checkpoint_extra, load_data, make_loader, tokenizer_from_state
+from .demo import run_demo
+from .models import TMTConfig, TMTModel
+from .train import (Trainer, TrainConfig, TrainingInterrupted, calibrate_threshold, distributed, evaluate,
+                    find_checkpoint, load_checkpoint, load_run, main_process_first, resolve_device, seed_everything,
+                    write_atomic)
+
+
+def summary(result: dict) -> str:
+    recall = "n/a" if result["recall_acc"] is None else f"{result['recall_acc']:.3f}"
+    return (f"PPL {result['ppl']:.2f} | recall accuracy {recall} | exit rate {result['exit_rate']:.3f} "
+            f"| work fraction {result['work_fraction']:.3f}")
+
+
+def model_config(args: argparse.Namespace, vocab_size: int, seq_len: int) -> TMTConfig:
+    """TMTConfig from the parsed flags; an invalid combination is reported as a usage error."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TMTConfig) if hasattr(args, f.name)}
+    values.update(vocab_size=vocab_size, max_seq_len=args.max_seq_len or seq_len)
+    if args.vanilla:
+        values.update(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
+    try:
+        return TMTConfig(**values)
+    except (TypeError, ValueError) as e:
+        args.subparser.error(str(e))
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def held_out(args: argparse.Namespace, seq_len: Optional[int] = None, batch_size: Optional[int] = None,
+             dataset: Optional[str] = None, data_dir: Optional[str] = None) -> tuple:
+    """``(model, state, loader)``: the run of ``args.checkpoint`` and a loader over ``args.split`` of its corpus
+    (the training sequence shape and corpus unless given)."""
+    model, tok, state = load_run(args.checkpoint, resolve_device(args.device))
+    spec, trained = state["extra"]["data"], state["train_config"]
+    cfg = TrainConfig(seq_len=seq_len or trained["seq_len"], batch_size=batch_size or trained["batch_size"])
+    _, data = load_data(dataset or spec["dataset"], data_dir or spec["data_dir"], (args.split,), tok,
+                        synthetic_tokens=spec["synthetic_tokens"])
+    return model, state, make_loader(*data[args.split], cfg, False)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Under torchrun every rank trains on its own shard of the data; rank 0 prints, logs and checkpoints."""
+    set_threads(args.threads)
+    if hasattr(signal, "SIGUSR1") and sys.__stderr__ is not None:  # kill -USR1 <pid>: every thread's stack, e.g. of a stuck rank
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    with distributed(resolve_device(args.device), args.dist_timeout) as (rank, world_size, device):
+        say = print if rank == 0 else (lambda *_: None)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        cfg = TrainConfig(**{**values, "rank": rank, "world_size": world_size, "device": str(device)})
+        seed_everything(cfg.seed)
+        ckpt = None
+        if args.resume:
+            ckpt = find_checkpoint(cfg.out_dir if args.resume == "latest" else args.resume)
+            if ckpt is None and args.resume != "latest":
+                raise FileNotFoundError(f"--resume {args.resume}: no checkpoint there")
+        state = load_checkpoint(ckpt) if ckpt else None
+        with main_process_first():  # one download / tokenizer training; the other ranks then read the caches
+            tok, data = load_data(args.dataset, args.data_dir, ("train", "validation"),
+                                  tokenizer_from_state(state["extra"]["tokenizer"]) if state else None,
+                                  args.tokenizer, args.bpe_vocab_size, args.synthetic_tokens, cache_dir=cfg.out_dir)
+        mcfg = model_config(args, len(tok), cfg.seq_len)
+        if state:  # the saved architecture, except options set away from their defaults: resume() reports a mismatch
+            given = {k: v for k, v in dataclasses.asdict(mcfg).items()
+                     if v != getattr(TMTConfig, k) and (k != "max_seq_len" or args.max_seq_len)}
+            mcfg = TMTConfig(**{**state["model_config"], **given})
+        model = TMTModel(mcfg)
+        extra = checkpoint_extra(tok, args.dataset, args.data_dir, args.synthetic_tokens)
+        trainer = Trainer(model, make_loader(*data["train"], cfg, True), make_loader(*data["validation"], cfg, False), cfg, extra)
+        if ckpt:
+            trainer.resume(ckpt)
+            say(f"resumed from {ckpt} at step {trainer.step}")
+        say(f"model: {model.num_parameters():,} parameters | vocab {len(tok):,} | train {data['train'][0].numel():,} tokens "
+            f"| device {trainer.device} x {world_size} rank(s) | {torch.get_num_threads()} CPU threads")
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted as e:  # checkpointed: exit as the signal would have (128 + signum)
+            print(f"tmt-pyg train: {e}", file=sys.stderr)
+            return 128 + e.signum
+        finally:
+            trainer.close()
+        say(f"final validation {summary(result)}")
+        say(f"run folder: {cfg.out_dir} (metrics.jsonl, metrics.png, checkpoints/)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    model, state, loader = held_out(args, args.seq_len, args.batch_size, args.dataset, args.data_dir)
+    result = evaluate(model, loader, next(model.parameters()).device, args.bf16, args.max_batches)
+    result.update(checkpoint_step=state["step"], split=args.split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"checkpoint step {state['step']} | {args.split}: {result['targets']:,} target tokens\n"
+              f"loss {result['loss']:.4f} | {summary(result)}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    model, state, loader = held_out(args)
+    try:
+        result = calibrate_threshold(model, loader, args.tolerance, args.max_batches)
+    except ValueError as e:
+        args.subparser.error(str(e))
+    base, tau = result["exits_off"], result["threshold"]
+    for p in result["points"]:
+        print(f"tau {p['threshold']:.4f}: loss {p['loss']:.4f} ({p['loss'] / base['loss'] - 1:+.2%}) | "
+              f"exit rate {p['exit_rate']:.3f} | work fraction {p['work_fraction']:.3f}")
+    print(f"exits off: loss {base['loss']:.4f}; limit {result['loss_limit']:.4f} (+{args.tolerance:.1%})")
+    if tau is None:
+        print("no threshold keeps the loss within the tolerance: tau set to 1.0 (no token exits)")
+    tau = 1.0 if tau is None else tau
+    state["model_config"]["exit_threshold"] = tau
+    state["calibration"] = {k: v for k, v in result.items() if k != "threshold"} | {"threshold": tau, "split": args.split}
+    file = write_atomic(state, find_checkpoint(args.checkpoint))  # eval and generate now run with this tau
+    print(f"tau = {tau:.4f} stored in {file}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tok, _ = load_run(args.checkpoint, resolve_device(args.device))
+    room = model.config.max_seq_len - args.max_new_tokens + 1  # prompt tokens that fit before the new ones
+    if room < 1:
+        args.subparser.error(f"--max-new-tokens {args.max_new_tokens} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    ids = tok.encode([args.prompt]).tolist()
+    tail = tok.encode([""]).tolist()  # what encode appends after a line (eos / newline)
+    if args.prompt and ids[-len(tail):] == tail:
+        ids = ids[:-len(tail)]
+    idx = torch.tensor([(ids or tail)[-room:]], device=next(model.parameters()).device)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    model = TMTModel(model_config(args, args.vocab_size, args.seq_len)).to(device)
+    print(throughput(model, device, args.batch_size, args.seq_len, args.iters, args.warmup_iters, args.bf16))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    run_demo(args)
+    return 0
