@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_cause, exit_speed, memory, mesh_backends, recall, shakespeare,  # noqa: E402
-                        slot_core, speed)
+from benchmarks import (ablation, decode, exit_cause, exit_speed, memory, mesh_backends, recall,  # noqa: E402
+                        search_scaling, shakespeare, slot_core, speed)
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +108,7 @@ def test_mqar_sequences_hold_their_answers():
 
 def test_memory(tmp_path):
     result = run_quick(memory, tmp_path)
-    assert {(r["model"], r["S"]) for r in result["rows"]} == {(m, s) for m in ("TMT", "vanilla") for s in (128, 256)}
+    assert {(r["model"], r["S"]) for r in result["rows"]} == {(m, s) for m in ("TMT", "TMT, routed search", "vanilla") for s in (128, 256)}
     for r in result["rows"]:
         assert finite_positive(r["process_peak_bytes"], r["rss_before_bytes"], r["step_seconds"])
         assert r["step_peak_bytes"] >= 0
@@ -157,3 +157,12 @@ def test_slot_core(tmp_path):
     assert {r["core"] for r in result["rows"]} == {"fused causal SDPA", "slots, eager", slot_core.FUSED}
     assert all(finite_positive(r["forward_ms"], r["forward_backward_ms"]) for r in result["rows"])
     assert {c["what"] for c in result["checks"]} == set(slot_core.TARGETS)
+
+
+def test_search_scaling(tmp_path):
+    result = run_quick(search_scaling, tmp_path)
+    models = {(r["S"], r["model"]) for r in result["rows"]}
+    assert models == {(128, n) for n in search_scaling.configs({}).keys()} | {(256, "vanilla"), (256, "TMT, routed search")}
+    assert all(finite_positive(r["infer_tokens_per_s"], r["train_tokens_per_s"]) for r in result["rows"])
+    assert [s["S"] for s in result["search"]] == [128] and finite_positive(result["search"][0]["routed"])
+    assert {(c["S"], c["what"]) for c in result["checks"]} == set()  # the quick sizes carry no targets
