@@ -43,6 +43,8 @@ def dense_reference(conv, x, edge_index, pos):
     mask = torch.zeros(N, N, dtype=torch.bool)
     mask[edge_index[1], edge_index[0]] = True  # [target, source]
     score = torch.einsum("ihc,jhc->hij", q, k) / math.sqrt(C)
+    timeless = mask & (pos[None, :] < 0)  # the M_i anchors of target i together: one neighbour's prior
+    score = score - torch.where(timeless, timeless.sum(1, keepdim=True).clamp(min=1).to(x.dtype).log(), 0.0)
     alpha = score.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     if conv.decay is not None:
         dist = (pos[:, None] - pos[None, :]).abs().to(x.dtype) / conv.decay.max_seq_len

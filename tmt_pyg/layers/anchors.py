@@ -9,7 +9,10 @@ class MemoryAnchors(nn.Module):
 
     Edges go anchor -> token for every token (tokens read the memory); with ``causal=False`` also
     token -> anchor (anchors read their graph, like PyG's ``VirtualNode``); in causal mode anchors
-    are read-only so nothing leaks from later tokens. Every anchor also has its self edge.
+    are read-only so nothing leaks from later tokens. Every anchor also has its self edge. In the
+    attention softmax the M anchors a token reads together carry the prior weight of one neighbour
+    (their logits lowered by ``log M`` in :class:`MeshAttentionConv`), so that the memory is one
+    more voice, not half of every read.
 
     The state ``anchor_state`` (M, D) is a buffer (in ``state_dict``), not a parameter: in training
     mode :meth:`update` moves each anchor by EMA towards the attention-weighted mean of the token

@@ -15,6 +15,16 @@ from .rotary import apply_rotary
 from .slot_attention import fused_slot_attention
 
 
+def timeless_prior(t_j: Tensor, index: Tensor, size_i: Optional[int]) -> Tensor:
+    """Logit offset of every edge ``j -> i`` (E,): ``log M_i`` on the edges from the ``M_i`` timeless
+    sources (negative time: memory anchors) of target ``i``, 0 on the others, so that a target's
+    anchors together start with the prior weight of one neighbour, not ``M_i`` neighbours'."""
+    timeless = t_j < 0
+    count = torch.zeros(size_i if size_i is not None else int(index.max()) + 1, device=index.device).index_add_(
+        0, index, timeless.float())
+    return torch.where(timeless, count[index].clamp(min=1).log(), 0.0)
+
+
 class MeshAttentionConv(MessagePassing):
     r"""Multi-head dot-product attention over the edges of a (mesh) graph,
 
@@ -25,7 +35,11 @@ class MeshAttentionConv(MessagePassing):
     with the temporal decay :math:`\gamma_{ij}` of :class:`TemporalDecay` applied *after* the
     softmax (order: softmax -> decay -> dropout), heads concatenated (or averaged) and an output
     projection. Nodes with a negative position are timeless (memory anchors): decay 1 on their
-    edges, no rotary rotation.
+    edges, no rotary rotation, and the logits of the :math:`M_i` timeless sources of target
+    :math:`i` are lowered by :math:`\log M_i`, so that its anchors together start with the prior
+    weight of one neighbour. (Without it 16 anchors took half of every read at initialisation and,
+    with the decay shrinking only the tokens' weights, the majority: multi-query associative recall
+    of the default model fell to chance, see ``docs/results/recall_default.md``.)
 
     Args:
         in_channels (int or tuple): size of each input sample, or ``(source, target)`` sizes.
@@ -138,6 +152,8 @@ class MeshAttentionConv(MessagePassing):
                 index: Tensor, ptr: OptTensor, size_i: Optional[int]) -> Tensor:
         query_i, key_j, value_j = (t.view(-1, self.heads, self.out_channels) for t in (query_i, key_j, value_j))
         alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)  # (E, H)
+        if t_j is not None:  # a target's timeless sources (anchors) together: one neighbour's prior
+            alpha = alpha - timeless_prior(t_j, index, size_i).unsqueeze(-1)
         alpha = softmax(alpha, index, ptr, size_i)
         if self.decay is not None:
             alpha = alpha * self.decay(t_i, t_j)

@@ -47,11 +47,16 @@ def dense_attention(conv: MeshAttentionConv, query: Tensor, key: Tensor, value: 
         allowed &= (t_k.unsqueeze(1) <= t_q.unsqueeze(2)) | (t_k == -1).unsqueeze(1)
     allowed |= (t_q == -2).unsqueeze(2) & (torch.arange(k.size(2), device=k.device) == 0)  # padded rows: dummy key
     p = conv.dropout if conv.training else 0.0
+    # logit bias (B, 1, Tq, Tk): -inf where not allowed; -log M on the M anchors of a graph (timeless, pos -1),
+    # which together have the prior weight of one neighbour
+    timeless = t_k == -1
+    prior = torch.where(timeless, timeless.sum(1, keepdim=True).clamp(min=1).to(q.dtype).log(), 0.0)  # (B, Tk)
+    bias = (-prior[:, None, None, :]).masked_fill(~allowed.unsqueeze(1), float("-inf"))
     if conv.decay is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
     else:
         score = (q @ k.transpose(-1, -2)) / math.sqrt(conv.out_channels)  # (B, H, Tq, Tk)
-        alpha = score.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
+        alpha = (score + bias).softmax(dim=-1)
         gamma = conv.decay(t_q.unsqueeze(2), t_k.unsqueeze(1)).permute(0, 3, 1, 2)  # (B, H, Tq, Tk)
         out = F.dropout(alpha * gamma, p=p, training=conv.training) @ v
     return conv.combine_heads(out.transpose(1, 2)[b_dst, r_dst])  # (T, H, C) -> (T, width)

@@ -29,19 +29,21 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
 
     ``query`` (A, H, C); ``key``/``value`` (N, H, C); ``index``/``valid`` (A, S) source rows of the
     slots (invalid ones point anywhere in range); ``memory_key``/``memory_value`` (M, H, C) rows every
-    target also reads, in the same softmax, timeless (decay 1); ``decay_rate`` (H,) with ``pos_dst``
-    (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot. Returns the output (A, H, C), the
-    weights actually used before dropout, alpha (A, S + M, H), and the softmax before the decay
-    (A, S + M, H).
+    target also reads, in the same softmax, timeless (decay 1), their logits lowered by ``log M`` (the M
+    rows together have one slot's prior weight, as :class:`MeshAttentionConv` gives anchor edges);
+    ``decay_rate`` (H,) with ``pos_dst`` (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot.
+    Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
+    softmax before the decay (A, S + M, H).
     """
     A, S = index.shape
     H, C = query.shape[1:]
     scale = 1.0 / math.sqrt(C)
     key_slots = gather_rows(key, index)
-    score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~valid.unsqueeze(-1), float("-inf"))  # (A, S, H)
-    if memory_key is not None:
-        score = torch.cat([score, pair_sum(query, memory_key, "ahc,mhc->amh")], dim=1)  # (A, S + M, H)
-    prob = (score * scale).softmax(dim=1)
+    score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~valid.unsqueeze(-1), float("-inf")) * scale  # (A, S, H)
+    if memory_key is not None:  # the M memory rows together have one slot's prior: logits - log M
+        memory_score = pair_sum(query, memory_key, "ahc,mhc->amh") * scale - math.log(memory_key.size(0))
+        score = torch.cat([score, memory_score], dim=1)  # (A, S + M, H)
+    prob = score.softmax(dim=1)
     alpha = prob
     if decay_rate is not None:
         gamma = decay_factor(decay_rate, pos_dst.unsqueeze(1), pos_src[index], max_seq_len)  # (A, S, H)
