@@ -32,6 +32,21 @@ def test_top_slots_is_exact_and_gives_ties_to_the_latest_column():
     assert index.shape == (2, 4) and valid.sum(1).tolist() == [2, 2]
 
 
+def test_top_slots_without_grad_takes_the_same_slots_in_the_same_order():
+    """Inference ranks only the k taken columns unless topk cut a tie; the result must not change."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        R, C, k = torch.randint(1, 20, (3,), generator=g).tolist()
+        sim = torch.randint(0, 4, (R, C), generator=g).float() if trial % 2 else torch.randn(R, C, generator=g)
+        allowed = torch.rand(R, C, generator=g) > 0.3
+        recency = torch.randperm(1000, generator=g)[:C].float().expand(R, C) if trial % 3 == 0 else None
+        with torch.no_grad():
+            fast = top_slots(sim, allowed, k, recency)
+        full = top_slots(sim, allowed, k, recency)
+        assert torch.equal(fast[1], full[1])
+        assert torch.equal(torch.where(fast[1], fast[0], -1), torch.where(full[1], full[0], -1))
+
+
 @pytest.mark.parametrize("S,k,block", [(1, 3, 4), (37, 5, 8), (64, 8, 256), (100, 3, 16)])
 def test_equal_length_search_equals_brute_force(S, k, block):
     x, batch = random_batch([S] * 3, seed=S)
