@@ -1,24 +1,40 @@
 """Batched incremental decoding with preallocated per-layer caches: each new token meets the cached
 states of its layer, exactly as in a full forward over the whole sequence."""
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.batching import TokenInput, pack_tokens
+from ..data.batching import TokenInput, check_ids, pack_tokens
+from ..layers.attention import MeshAttentionConv
 from ..layers.mesh import top_slots, window_slots
-from .tmt import TMTModel, head_units
+from ..layers.rotary import apply_rotary
+from .tmt import TMTBlock, TMTModel, head_units
+
+
+class Step(NamedTuple):
+    """What every layer of one decoding step knows about its T = B * n new tokens."""
+    pos: Tensor  # (T,) positions
+    flat: Tensor  # (T,) rows in the (B * capacity) flattened caches
+    rotation: Optional[Tuple[Tensor, Tensor]]  # rotary tables at pos (T, 1, C)
+    slots: Optional[Tuple[Optional[Tensor], Tensor, Tensor]]  # mesh: where the kNN may look (T, end), then the
+    # window and self slots as cache rows and their validity (T, w + 1); dense: None, every row up to end, validity
+    mask: Optional[Tensor]  # (B, 1, n, end) what the fused dense attention reads (None: all up to end)
+    source_pos: Tensor  # (B * capacity,) position of every cache row
+    end: int  # longest row after the step
 
 
 @dataclass
 class LayerCache:
     state: Tensor  # (B, capacity, D) input states of this layer (exited tokens frozen)
-    unit: Tensor  # (B, capacity, D) what the mesh search compares, L2-normalised: the states or the keys (mesh_unit)
+    unit: Optional[Tensor]  # (B, capacity, D) what the mesh search compares, L2-normalised: the states or the keys
+    # (mesh_unit); None without a mesh
     key: Tensor  # (B, capacity, H, C) their keys
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
+    qkv: Tuple[Tensor, Optional[Tensor]]  # the layer's query, key and value projections as one weight (3 H C, D) and bias
 
 
 class TMTCache:
@@ -26,6 +42,7 @@ class TMTCache:
 
     ``prompts``: a ``(B, S)`` tensor or a list of 1-D tensors of different lengths. Room for
     ``capacity`` tokens per row is allocated once (default: ``max_seq_len``); decoding writes into it.
+    The projection weights are packed once here: do not change the model while decoding with a cache.
     """
 
     def __init__(self, model: TMTModel, prompts: TokenInput, capacity: Optional[int] = None):
@@ -39,21 +56,65 @@ class TMTCache:
         N, B = data.num_nodes, int(data.num_graphs)
         self.capacity = capacity or cfg.max_seq_len
         self.lengths = torch.bincount(data.batch, minlength=B)  # (B,) tokens cached per row
-        if int(self.lengths.max()) > self.capacity:
-            raise ValueError(f"prompt of length {int(self.lengths.max())} exceeds the cache capacity {self.capacity}")
+        if max(self.host_lengths) > self.capacity:
+            raise ValueError(f"prompt of length {max(self.host_lengths)} exceeds the cache capacity {self.capacity}")
         node_pos = torch.cat([data.pos, data.pos.new_full((out.hidden_states[0].size(0) - N,), -1)])
         self.layers: List[LayerCache] = []
         for block, h in zip(model.blocks, out.hidden_states):
             key, value = block.attn.project_key_value(block.ln_attn(h), node_pos)
-            layer = LayerCache(h.new_zeros(B, self.capacity, h.size(1)), h.new_zeros(B, self.capacity, h.size(1)),
-                               key.new_zeros((B, self.capacity) + key.shape[1:]), value.new_zeros((B, self.capacity) + value.shape[1:]),
-                               (key[N:], value[N:]) if h.size(0) > N else None)
-            for cached, rows in ((layer.state, h), (layer.unit, mesh_unit(model, h, key)), (layer.key, key), (layer.value, value)):
-                cached[data.batch, data.pos] = rows[:N]
+            lins = (block.attn.lin_query, block.attn.lin_key, block.attn.lin_value)
+            qkv = (torch.cat([lin.weight for lin in lins]), None if lins[0].bias is None else torch.cat([lin.bias for lin in lins]))
+            new = lambda rows: rows.new_zeros((B, self.capacity) + rows.shape[1:])
+            layer = LayerCache(new(h), None if model.mesh is None else new(h), new(key), new(value),
+                               (key[N:], value[N:]) if h.size(0) > N else None, qkv)
+            for cached, rows in ((layer.state, h), (layer.unit, None if model.mesh is None else mesh_unit(model, h, key)),
+                                 (layer.key, key), (layer.value, value)):
+                if cached is not None:
+                    cached[data.batch, data.pos] = rows[:N]
             self.layers.append(layer)
         last = data.ptr[1:] - 1
         self.last_logits = out.logits[last]  # (B, V)
-        self.source_pos = torch.arange(self.capacity, device=h.device).repeat(B)  # position of every cache row
+        self.positions = torch.arange(self.capacity, device=h.device)
+        self.source_pos = self.positions.repeat(B)  # position of every cache row
+        self.rotation = rotation_table(block.attn, self.positions) if cfg.rope else None
+
+    def step(self, model: TMTModel, n: int) -> Step:
+        """The :class:`Step` of ``n`` new tokens per row, built once for all layers."""
+        B, cap = len(self.host_lengths), self.capacity
+        end = max(self.host_lengths) + n
+        known = self.positions[:end]
+        equal = min(self.host_lengths) == end - n  # rows of one length: positions without index arithmetic
+        pos = known[end - n:].repeat(B) if equal else (self.lengths.unsqueeze(1) + self.positions[:n]).view(-1)  # (B * n,)
+        flat = (torch.arange(0, B * cap, cap, device=pos.device).unsqueeze(1) + pos.view(B, n)).view(-1)
+        rotation = None if self.rotation is None else tuple(t.index_select(0, pos) for t in self.rotation)
+        slots = mask = None
+        if model.mesh is not None:  # the kNN looks before the window; window and self slots as cache rows
+            window, in_window = window_slots(flat, pos, model.mesh.window)
+            slots = (known < (pos - model.mesh.window).unsqueeze(1), torch.cat([window.clamp(min=0), flat.unsqueeze(1)], 1),
+                     torch.cat([in_window, in_window.new_ones(B * n, 1)], 1))
+        elif model.blocks[0].attn.decay is not None or self.layers[0].memory is not None or model.config.use_exit:
+            slots = (None, (flat - pos).unsqueeze(1) + known, known <= pos.unsqueeze(1))  # dense: the row up to pos
+        if slots is None and not (equal and n == 1):
+            mask = (known <= pos.unsqueeze(1)).view(B, 1, n, end)
+        return Step(pos, flat, rotation, slots, mask, self.source_pos, end)
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) tokens cached per row; also kept on the host (``host_lengths``), refreshed when set."""
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: Tensor) -> None:
+        self._lengths, self.host_lengths = value, value.tolist()
+
+
+def rotation_table(conv: MeshAttentionConv, positions: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(cos, sin)`` (P, 1, C) such that ``x * cos + x.roll(C / 2, -1) * sin`` is :func:`apply_rotary`
+    at ``positions`` (P,), bit for bit: rotating ``[1, .., 1, 0, .., 0]`` reads its cosines and sines."""
+    C = conv.out_channels
+    basis = torch.cat([torch.ones(C // 2), torch.zeros(C // 2)]).to(positions.device).expand(positions.numel(), 1, C)
+    cos, sin = apply_rotary(basis, positions).chunk(2, -1)
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
@@ -62,55 +123,91 @@ def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
     return F.normalize(state if model.config.mesh_similarity == "state" else head_units(heads), dim=-1)
 
 
+def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], allowed: Tensor) -> Tuple[Tensor, Tensor]:
+    """The mesh search of new tokens against their rows' caches: the ``k`` most similar allowed
+    positions of each query's row. ``unit`` (B, capacity, D) the layer's cached unit rows,
+    ``query_unit`` (A, D), ``row`` (A,) the row of every query (None: every new token of every row is
+    a query, rows in order), ``allowed`` (A, end) the candidate positions. Returns positions and
+    validity (A, k)."""
+    cached = unit[:, :allowed.size(1)]  # (B, end, D)
+    if row is None:
+        sim = torch.bmm(query_unit.view(unit.size(0), -1, unit.size(2)), cached.transpose(1, 2)).flatten(0, 1)
+    else:
+        sim = torch.einsum("ad,ald->al", query_unit, cached[row])
+    return top_slots(sim, allowed, model.mesh.k)
+
+
+def decode_layer(model: TMTModel, block: TMTBlock, layer: LayerCache, h: Tensor, step: Step,
+                 active: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """One layer of a decoding step: cache the new tokens' states, keys and values; the ``active``
+    ones (None: all) search, attend and run the block. Returns the states (T, D) and which active
+    tokens exit here (None: no gate)."""
+    conv = block.attn
+    H, C = conv.heads, conv.out_channels
+    qkv = F.linear(block.ln_attn(h), *layer.qkv).view(-1, 3 * H, C)
+    qk = qkv[:, :2 * H] if step.rotation is None else qkv[:, :2 * H] * step.rotation[0] + qkv[:, :2 * H].roll(C // 2, -1) * step.rotation[1]
+    query, key, value = qk[:, :H], qk[:, H:], qkv[:, 2 * H:]
+    writes = [(layer.state, h), (layer.key, key), (layer.value, value)]
+    if layer.unit is not None:
+        writes.append((layer.unit, mesh_unit(model, h, key)))
+    for cached, rows in writes:
+        cached.flatten(0, 1).index_copy_(0, step.flat, rows)
+    if active is not None and active.numel() == 0:  # every token exited: its frozen state only feeds the caches
+        return h, None
+    if active is None and step.slots is None:  # vanilla: fused attention over the cache
+        B = layer.key.size(0)
+        q = query.reshape(B, -1, H, C).transpose(1, 2)
+        k, v = layer.key[:, :step.end].transpose(1, 2), layer.value[:, :step.end].transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, dropout_p=conv.dropout if conv.training else 0.0)
+        attn = conv.combine_heads(attn.transpose(1, 2).reshape(-1, H, C))
+    else:
+        select = (lambda t: t) if active is None else (lambda t: None if t is None else t[active])
+        rows, pos, query, flat = select(h), select(step.pos), select(query), select(step.flat)
+        allowed, index, valid = (select(s) for s in step.slots)
+        if model.mesh is not None:
+            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query),
+                                                 None if active is None else torch.div(flat, layer.key.size(1), rounding_mode="floor"), allowed)
+            index = torch.cat([near + (flat - pos).unsqueeze(1), index], 1)
+            valid = torch.cat([near_valid, valid], 1)
+        attn, _ = conv.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), index, valid,
+                                    (step.source_pos, pos), layer.memory)
+    out = block(h if active is None else h[active], attn)
+    fired = None if block.exit_gate is None or not model.config.use_exit else block.exit_gate(out) > model.config.exit_threshold
+    return (out if active is None else h.index_copy(0, active, out)), fired
+
+
+
 @torch.no_grad()
 def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
     """Run ``ids`` (B, n), the next ``n`` tokens of every cached row; update ``cache``; return logits (B, n, V).
 
     At every layer the active new tokens find their mesh neighbours among their row's cached states
     of that layer plus the new tokens before them, attend over the cached keys/values and the
-    anchors, and may exit, exactly as in a full forward over the whole sequence (eval mode).
+    anchors, and may exit, exactly as in a full forward over the whole sequence (eval mode). Until a
+    token exits, each layer runs on all new tokens without selecting rows; the vanilla model attends with fused ``scaled_dot_product_attention`` over the cache.
     """
     cfg = model.config
     B, n = ids.shape
-    if B != cache.lengths.numel():
-        raise ValueError(f"ids has {B} rows but the cache holds {cache.lengths.numel()}")
-    end = int(cache.lengths.max()) + n
+    if B != len(cache.host_lengths):
+        raise ValueError(f"ids has {B} rows but the cache holds {len(cache.host_lengths)}")
+    end = max(cache.host_lengths) + n
     if end > min(cache.capacity, cfg.max_seq_len):
         raise ValueError(f"sequence of length {end} exceeds max_seq_len={cfg.max_seq_len} or the cache capacity {cache.capacity}")
-    model._inputs(ids)  # same id checks as forward
-    pos = (cache.lengths.unsqueeze(1) + torch.arange(n, device=ids.device)).view(-1)  # (B * n,)
-    row = torch.arange(B, device=ids.device).repeat_interleave(n)
+    check_ids(ids, cfg.vocab_size)  # same id checks as forward
+    step = cache.step(model, n)
     h = model.wte(ids.reshape(-1)) * model.embed_scale
     if model.wpe is not None:
-        h = h + model.wpe(pos)
-    exited = torch.zeros(B * n, dtype=torch.bool, device=ids.device)
+        h = h + model.wpe(step.pos)
+    active = None  # the tokens still running (None: all of them)
     for block, layer in zip(model.blocks, cache.layers):
-        active = (~exited).nonzero().view(-1) if cfg.use_exit else torch.arange(B * n, device=ids.device)
-        x = block.ln_attn(h)
-        key, value = block.attn.project_key_value(x, pos)
-        layer.state[row, pos], layer.key[row, pos], layer.value[row, pos] = h, key, value
-        layer.unit[row, pos] = mesh_unit(model, h, key)
-        q_row, q_pos = row[active], pos[active]
-        query = block.attn.project_query(x[active], q_pos)
-        if model.mesh is not None:  # k most similar earlier states (or keys) of the row, window, self slot
-            u = layer.unit[:, :end]  # (B, L, D)
-            sim = torch.einsum("ad,ald->al", mesh_unit(model, h[active], query), u[q_row])  # (A, L)
-            w = model.mesh.window
-            index, valid = top_slots(sim, torch.arange(end, device=ids.device) < q_pos.unsqueeze(1) - w, model.mesh.k)
-            window, in_window = window_slots(q_pos, q_pos, w)  # positions before the query, kNN slots, self
-            index = torch.cat([index, window, q_pos.unsqueeze(1)], 1)
-            valid = torch.cat([valid, in_window, valid.new_ones(valid.size(0), 1)], 1)
-            index = torch.where(valid, index, q_pos.unsqueeze(1))
-        else:  # dense: every earlier position of the row
-            index = torch.arange(end, device=ids.device).expand(active.numel(), -1)
-            valid = index <= q_pos.unsqueeze(1)
-        attn, _ = block.attn.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), q_row.unsqueeze(1) * cache.capacity + index,
-                                          valid, (cache.source_pos, q_pos), layer.memory)
-        out = block(h[active], attn)
-        h = h.index_copy(0, active, out)
-        if block.exit_gate is not None and cfg.use_exit:
-            exited[active] |= block.exit_gate(out) > cfg.exit_threshold
-    cache.lengths += n
+        if active is None:
+            h, fired = decode_layer(model, block, layer, h, step, None)
+            if fired is not None and bool(fired.any()):
+                active = (~fired).nonzero().view(-1)
+        else:  # once a token exits, the rows still running are selected in every later layer
+            h, fired = decode_layer(model, block, layer, h, step, active)
+            active = active if fired is None else active[~fired]
+    cache.lengths = cache.lengths + n
     logits = model.lm_head(h).view(B, n, -1)
     cache.last_logits = logits[:, -1]
     return logits
