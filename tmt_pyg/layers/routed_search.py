@@ -9,7 +9,7 @@ mesh is causal, batch-invariant and the same in incremental decoding, exactly; w
 ``top_blocks`` at least the number of earlier blocks it is the exact search. Cost per query:
 ``S / block_size`` summaries plus ``(top_blocks + 1) * block_size`` keys instead of ``S``.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,18 +57,24 @@ def grouped_block_scores(query: Tensor, keys: Tensor, row: Tensor, blocks: Tenso
     return scores.new_empty(P, b).index_copy_(0, order, scores.view(-1, b).index_select(0, place)).view(Q, R, b)
 
 
-def routed_knn(unit: Tensor, query_unit: Tensor, row: Tensor, pos: Tensor, k: int, block_size: int, top_blocks: int,
-               window: int = 0) -> Tuple[Tensor, Tensor]:
-    """Routed causal kNN of queries at positions ``pos`` (Q,) of sequences ``row`` (Q,).
+def route_scores(query: Tensor, summaries: Tensor, row: Tensor) -> Tensor:
+    """Score of every query (Q, D) against every block summary (B, nb, D) of its row (Q,): (Q, nb)."""
+    return torch.bmm(summaries.index_select(0, row), query.unsqueeze(-1)).squeeze(-1)
 
-    ``unit`` (B, S, D): every sequence's unit key rows (rows past a sequence's end are never read);
-    ``query_unit`` (B, S, D): the queries' unit rows at the same places (may be ``unit``).
-    Returns positions (Q, k) and their validity (Q, k), as the exact search returns them.
+
+def routed_knn(unit: Tensor, query: Tensor, row: Tensor, pos: Tensor, k: int, block_size: int, top_blocks: int,
+               window: int = 0, route: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Routed causal kNN of the unit rows ``query`` (Q, D) at positions ``pos`` (Q,) of sequences ``row`` (Q,).
+
+    ``unit`` (B, S, D): every sequence's unit key rows (rows past a sequence's end are never read).
+    ``route`` (Q, nb): the queries' block scores where the caller has them from one product
+    (default: :func:`route_scores`). Returns positions (Q, k) and their validity (Q, k), as the
+    exact search returns them.
     """
     B, S, D = unit.shape
     blocks = -(-S // block_size)
     keys = F.pad(unit, (0, 0, 0, blocks * block_size - S)).view(B, blocks, block_size, D)
-    route = torch.bmm(query_unit, keys.mean(2).transpose(1, 2))[row, pos]  # (Q, blocks)
+    route = route_scores(query, keys.mean(2), row) if route is None else route
     own = pos // block_size
     block_ids = torch.arange(blocks, device=unit.device)
     chosen, routed = top_slots(route, block_ids < own.unsqueeze(1), top_blocks)  # ties to the later block
@@ -76,7 +82,7 @@ def routed_knn(unit: Tensor, query_unit: Tensor, row: Tensor, pos: Tensor, k: in
     cand = (chosen.unsqueeze(-1) * block_size + torch.arange(block_size, device=unit.device)).flatten(1)  # (Q, C)
     usable = cand < (pos - window).unsqueeze(1)  # unrouted slots repeat the own block: count it once
     usable[:, :-block_size] &= routed.repeat_interleave(block_size, 1)
-    sim = grouped_block_scores(query_unit[row, pos], keys, row, chosen).flatten(1)
+    sim = grouped_block_scores(query, keys, row, chosen).flatten(1)
     index, valid = top_slots(sim, usable, k, recency=cand)  # ties to the most recent position
     return cand.gather(1, index), valid
 
