@@ -15,13 +15,13 @@ from .rotary import apply_rotary
 from .slot_attention import fused_slot_attention
 
 
-def timeless_prior(t_j: Tensor, index: Tensor, size_i: Optional[int]) -> Tensor:
+def timeless_prior(t_j: Tensor, index: Tensor, size_i: Optional[int], dtype: torch.dtype) -> Tensor:
     """Logit offset of every edge ``j -> i`` (E,): ``log M_i`` on the edges from the ``M_i`` timeless
     sources (negative time: memory anchors) of target ``i``, 0 on the others, so that a target's
     anchors together start with the prior weight of one neighbour, not ``M_i`` neighbours'."""
     timeless = t_j < 0
-    count = torch.zeros(size_i if size_i is not None else int(index.max()) + 1, device=index.device).index_add_(
-        0, index, timeless.float())
+    count = torch.zeros(size_i if size_i is not None else int(index.max()) + 1, dtype=dtype, device=index.device).index_add_(
+        0, index, timeless.to(dtype))
     return torch.where(timeless, count[index].clamp(min=1).log(), 0.0)
 
 
@@ -153,7 +153,7 @@ class MeshAttentionConv(MessagePassing):
         query_i, key_j, value_j = (t.view(-1, self.heads, self.out_channels) for t in (query_i, key_j, value_j))
         alpha = (query_i * key_j).sum(dim=-1) / math.sqrt(self.out_channels)  # (E, H)
         if t_j is not None:  # a target's timeless sources (anchors) together: one neighbour's prior
-            alpha = alpha - timeless_prior(t_j, index, size_i).unsqueeze(-1)
+            alpha = alpha - timeless_prior(t_j, index, size_i, alpha.dtype).unsqueeze(-1)
         alpha = softmax(alpha, index, ptr, size_i)
         if self.decay is not None:
             alpha = alpha * self.decay(t_i, t_j)
