@@ -270,11 +270,11 @@ def breakdown_markdown(profile: Dict, title: str) -> str:
 
 def model_labels(model) -> Dict[str, List[Target]]:
     """Profile labels of the parts of a :class:`tmt_pyg.TMTModel` forward, for :func:`profile_breakdown`."""
-    from tmt_pyg.models import tmt as tmt_module
+    from tmt_pyg.models import layer as layer_module
     blocks = list(model.blocks)
     labels = {
         "mesh kNN": [(model.mesh, "slots")] if model.mesh is not None else [],
-        "edge assembly (bidirectional: anchor edges, local ids)": [(model, "_layer_edges")] if model.mesh is not None else [],
+        "edge assembly (bidirectional: anchor edges, local ids)": [(b, "layer_edges") for b in blocks] if model.mesh is not None else [],
         "ln_attn (all rows)": [b.ln_attn for b in blocks],
         "attention: K/V projection (all sources)": [m for b in blocks for m in (b.attn.lin_key, b.attn.lin_value)],
         "attention: Q projection": [b.attn.lin_query for b in blocks],
@@ -284,11 +284,11 @@ def model_labels(model) -> Dict[str, List[Target]]:
         "attention: message passing (bidirectional: gather, scatter softmax, decay)": (
             [b.attn for b in blocks] if model.mesh is not None else []),
         "attention: dense path (SDPA, or scores with decay)": (
-            [(tmt_module, "dense_causal_attention"), (tmt_module, "dense_attention")] if model.mesh is None else []),
+            [(layer_module, "dense_causal_attention"), (layer_module, "dense_attention")] if model.mesh is None else []),
         "ln_ffn": [b.ln_ffn for b in blocks],
         "ffn": [b.ffn for b in blocks],
         "exit gates": [b.exit_gate for b in blocks if b.exit_gate is not None],
-        "anchor EMA update": [(model, "_update_anchors")] if model.anchors is not None else [],
+        "anchor EMA update": [(layer_module, "anchor_ema_step")] if model.anchors is not None else [],
         "gate loss": [(model, "_gate_loss")],
         "lm head (final norm + tied projection)": [(model, "lm_head")],
     }

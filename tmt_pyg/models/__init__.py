@@ -1,5 +1,6 @@
 from .config import TMTConfig
 from .sizing import count_parameters, match_parameters
-from .tmt import TMTBlock, TMTModel, TMTOutput
+from .layer import TMTLayer
+from .tmt import TMTModel, TMTOutput
 
-__all__ = ["TMTConfig", "TMTModel", "TMTOutput", "TMTBlock", "count_parameters", "match_parameters"]
+__all__ = ["TMTConfig", "TMTModel", "TMTOutput", "TMTLayer", "count_parameters", "match_parameters"]

@@ -11,12 +11,10 @@ from torch_geometric.nn.dense.linear import Linear as PygLinear
 
 from ..data.batching import TokenInput, check_ids, check_token_batch, pack_tokens
 from ..layers.anchors import MemoryAnchors
-from ..layers.attention import MeshAttentionConv
-from ..layers.dense_attention import dense_attention, dense_causal_attention
-from ..layers.exit_gate import ExitGate, consistency_loss, decisiveness_loss, masked_mean
-from ..layers.ffn import DualStreamFFN, FeedForward
+from ..layers.exit_gate import consistency_loss, decisiveness_loss, masked_mean
 from ..layers.mesh import DynamicMesh, MeshSlots
 from .config import TMTConfig
+from .layer import LayerInput, TMTLayer, anchor_ema_step
 
 
 @dataclass
@@ -46,83 +44,6 @@ class TMTOutput:
         return None if self.mesh is None else self.mesh.edges()
 
 
-@dataclass
-class LayerInput:
-    """What every layer of one forward needs to know about the nodes."""
-    pos: Tensor  # (N,) token positions
-    node_pos: Tensor  # (N + R,) positions of tokens and anchor rows (-1: timeless)
-    tok_batch: Tensor  # (N,) graph of every token
-    anchor_nodes: Tensor  # (R,) node ids of the anchor rows
-    num_graphs: int
-    seq_len: Optional[int]  # every graph has this many tokens (a (B, S) input), else None
-
-    def node_batch(self) -> Tensor:
-        """Graph of every node, anchors of a bidirectional model M per graph: (N + R,)."""
-        B = self.num_graphs
-        anchor_batch = torch.arange(B, device=self.pos.device).repeat_interleave(self.anchor_nodes.numel() // B)
-        return torch.cat([self.tok_batch, anchor_batch])
-
-    def candidate_pairs(self, active_tokens: Tensor, causal: bool) -> int:
-        """(query, key) pairs the kNN search scores for the active tokens."""
-        N = self.pos.numel()
-        if self.seq_len is not None and active_tokens.numel() == N:
-            S = self.seq_len
-            return N * (S - 1) // (2 if causal else 1)
-        if causal:
-            return int(self.pos[active_tokens].sum())
-        lengths = torch.bincount(self.tok_batch, minlength=self.num_graphs)
-        return int((lengths[self.tok_batch[active_tokens]] - 1).sum())
-
-
-def head_units(heads: Tensor) -> Tensor:
-    """Queries or keys (n, H, C) -> (n, H * C) with every head L2-normalised: what the attention-
-    similarity mesh compares (the cosine of two rows is the mean over heads of the heads' cosines)."""
-    return F.normalize(heads.detach(), dim=-1).flatten(1)
-
-
-def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
-    """Slot attention ``alpha`` (A, S + M, H) as PyG edges ``(edge_index (2, E), alpha (E, H))``:
-    the valid slots, then anchor -> token (every token reads the same M rows), then the anchors'
-    self edges (weight 1)."""
-    S, M, H = mesh.index.size(1), anchor_nodes.numel(), alpha.size(2)
-    edge_index, _ = mesh.edges()
-    weights = alpha[:, :S][mesh.valid]  # (E, H)
-    if M:
-        anchor_edges = anchors.edges(mesh.target, torch.zeros_like(mesh.target), int(anchor_nodes[0]), causal=True)
-        edge_index = torch.cat([edge_index, anchor_edges, anchor_nodes.expand(2, -1)], 1)
-        weights = torch.cat([weights, alpha[:, S:].reshape(-1, H), alpha.new_ones(M, H)])
-    return edge_index, weights
-
-
-class TMTBlock(nn.Module):
-    """One pre-LayerNorm TMT layer: attention over the mesh (or dense) + FFN on the active rows."""
-
-    def __init__(self, cfg: TMTConfig, exit_gate: bool = False):
-        super().__init__()
-        D, H = cfg.d_model, cfg.n_heads
-        self.ln_attn = nn.LayerNorm(D)
-        self.attn = MeshAttentionConv(D, D // H, heads=H, dropout=cfg.attn_dropout, decay=cfg.use_decay,
-                                      decay_rate=cfg.decay_rate, max_seq_len=cfg.max_seq_len, rotary=cfg.rope)
-        self.ln_ffn = nn.LayerNorm(D)
-        self.ffn = DualStreamFFN(D, cfg.ffn_stream_dim) if cfg.dual_stream else FeedForward(D, cfg.mlp_dim)
-        self.exit_gate = ExitGate(D) if exit_gate else None
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, h: Tensor, attn: Tensor) -> Tensor:
-        """Residual update of the active rows' states ``h`` (A, D) by their attention output (A, D)."""
-        out = h + self.drop(attn)
-        return out + self.drop(self.ffn(self.ln_ffn(out)))
-
-
-def layer_flops(cfg: TMTConfig, num_sources: int, num_active: int, num_edges: int, mesh_pairs: int) -> float:
-    """2 * multiply-adds of one layer: K/V for every source row, Q/out/FFN/gate for active rows,
-    4*D per attention edge (or query-key pair), 2*D per kNN candidate pair scored."""
-    D = cfg.d_model
-    ffn = 2 * D * D + 8 * D * cfg.ffn_stream_dim if cfg.dual_stream else 4 * D * cfg.mlp_dim
-    gate = 2 * D if cfg.use_exit else 0
-    return float(4 * D * D * num_sources + (4 * D * D + ffn + gate) * num_active + 4 * D * num_edges + 2 * D * mesh_pairs)
-
-
 class TMTModel(nn.Module):
     """TemporalMesh Transformer: embeddings, ``n_layers`` TMT blocks with the mesh rebuilt from
     the current states before each, final LayerNorm, LM head tied to the embedding.
@@ -144,7 +65,7 @@ class TMTModel(nn.Module):
         self.anchors = (MemoryAnchors(cfg.memory_anchors, cfg.d_model, cfg.anchor_momentum, init_std=0.02 * self.embed_scale)
                         if cfg.use_anchors else None)
         # no gate after the last layer: there is no later layer to skip
-        self.blocks = nn.ModuleList(TMTBlock(cfg, exit_gate=cfg.use_exit and i < cfg.n_layers - 1)
+        self.blocks = nn.ModuleList(TMTLayer(cfg, exit_gate=cfg.use_exit and i < cfg.n_layers - 1)
                                     for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.reset_parameters()
@@ -219,45 +140,31 @@ class TMTModel(nn.Module):
         node_pos = torch.cat([pos, pos.new_full((R,), -1)])
         if self.anchors is not None:
             h = torch.cat([h, self.anchors.expand(copies).to(h.dtype)])
-            if self.training and not cfg.causal:  # causal: from layer 0's own query and anchor keys (_attention)
+            if self.training and not cfg.causal:  # causal: from layer 0's own query and anchor keys (TMTLayer.attend)
                 conv, x0, M = self.blocks[0].attn, self.blocks[0].ln_attn(h), self.anchors.num_anchors
-                self._update_anchors(h[:N], conv.project_query(x0[:N], pos),
-                                     conv.project_key_value(x0[N:N + M], node_pos[N:N + M])[0])
+                anchor_ema_step(self.anchors, h[:N], conv.project_query(x0[:N], pos),
+                                conv.project_key_value(x0[N:N + M], node_pos[N:N + M])[0])
         ctx = LayerInput(pos, node_pos, tok_batch, anchor_nodes, B, seq_len)
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
-        all_tokens = torch.arange(N, device=dev)
         exit_masks, confidences, attentions, rows, states, hidden, early = [], [], [], [], [], [], []
         mesh, flops = None, 0.0
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
         for layer, block in enumerate(self.blocks):
-            active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
-            all_active = active_tokens.numel() == N
             exit_masks.append(exited)
             hidden.append(h)
-            attn, alpha, mesh, edges, pairs = self._attention(block.attn, h, block.ln_attn(h), active_tokens, ctx, return_attention_weights,
-                                                              update_anchors=layer == 0 and self.training)
-            if all_active:
-                h_active = h = block(h, attn)
-            else:
-                active = torch.cat([active_tokens, anchor_nodes])
-                h_active = block(h[active], attn)
-                h = h.index_copy(0, active, h_active)  # exited rows keep their frozen state bit for bit
-            rows.append(active_tokens.numel())
-            flops += layer_flops(cfg, h.size(0), active_tokens.numel() + anchor_nodes.numel(), edges, pairs)
+            step = block(h, exited, ctx, self.mesh, self.anchors, freeze, return_attention_weights,
+                         update_anchors=layer == 0 and self.training)
+            h, exited, mesh = step.h, step.exited, step.mesh
+            rows.append(step.rows)
+            flops += step.flops
             if return_attention_weights:
-                attentions.append(alpha)
+                attentions.append(step.attention)
             if compute_loss and cfg.exit_loss_weight > 0 and layer < cfg.n_layers - 1:
                 early.append(h[:N])
-            if block.exit_gate is not None:
-                gate_in = h_active[:active_tokens.numel()]
-                conf = block.exit_gate(gate_in.detach() if cfg.gate_detach else gate_in)
-                conf_all = conf if all_active else torch.full((N,), float("nan"), device=dev, dtype=conf.dtype).index_put((active_tokens,), conf)
-                confidences.append(conf_all)
-                if freeze:
-                    exited = exited.clone()
-                    exited[active_tokens] |= conf.detach() > cfg.exit_threshold
+            if step.confidence is not None:
+                confidences.append(step.confidence)
                 if sample is not None:
                     states.append(h.detach().index_select(0, sample))
         # NaN weights or an overflow: an error, not NaN logits (training leaves this to the loss
@@ -297,75 +204,6 @@ class TMTModel(nn.Module):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
 
-    def _attention(self, conv: MeshAttentionConv, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: "LayerInput",
-                   with_weights: bool, update_anchors: bool = False
-                   ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
-        """Attention output of the active rows (active tokens, then every anchor row): the mesh is
-        built from the states ``h`` (N + R, D), attention reads their layer-normed form ``x``.
-        Returns the output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
-        (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
-        kNN pairs scored (for the FLOP count). ``update_anchors``: take the anchors' EMA step from
-        this layer's query and anchor keys (causal layer 0 in training)."""
-        cfg, N, R = self.config, ctx.pos.numel(), ctx.anchor_nodes.numel()
-        A = active_tokens.numel()
-        all_active = A == N
-        target = None if all_active else active_tokens
-        if self.mesh is None:
-            mesh_pairs = 0
-        elif self.mesh.search == "routed":
-            mesh_pairs = self.mesh.routed_pairs(A, ctx.seq_len or int(ctx.pos.max()) + 1)
-        else:
-            mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal)
-        if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
-            pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
-            key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
-            query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
-            mesh = None
-            if self.mesh is not None and cfg.mesh_similarity == "state":
-                mesh = self.mesh.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
-            elif self.mesh is not None:  # queries search the keys; the search reads query rows by node id
-                query_x = head_units(query)
-                if not all_active:
-                    query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
-                mesh = self.mesh.slots(head_units(key[:N]), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
-            memory = (key[N:], value[N:]) if R else None
-            if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
-                self._update_anchors(h[:N], query, key[N:])
-            if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
-                out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
-                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes, self.anchors) if with_weights else None
-            else:
-                out = dense_causal_attention(conv, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
-                                             active_tokens, ctx.seq_len, memory)
-                pairs, alpha = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R, None
-            if R:
-                weight = F.dropout(value.new_ones(R, conv.heads, 1), p=conv.dropout, training=conv.training)
-                out = torch.cat([out, conv.combine_heads(value[N:] * weight)])
-            return out, alpha, mesh, pairs, mesh_pairs
-        active = torch.cat([active_tokens, ctx.anchor_nodes])
-        mesh = None if self.mesh is None else self.mesh.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
-        if mesh is None:
-            key, value = conv.project_key_value(x, ctx.node_pos)
-            node_batch = ctx.node_batch()
-            out = dense_attention(conv, conv.project_query(x[active], ctx.node_pos[active]), key, value,
-                                  (ctx.node_pos, ctx.node_pos[active]), (node_batch, node_batch[active]), ctx.num_graphs, False)
-            return out, None, None, (A + R) * (N + R), 0
-        edge_global, edge_index = self._layer_edges(mesh.edges()[0], h.size(0), ctx.tok_batch, active_tokens, active, ctx.anchor_nodes)
-        out, (_, alpha) = conv((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
-        return out, (edge_global, alpha), mesh, edge_index.size(1), mesh_pairs
-
-    def _layer_edges(self, mesh_edges: Tensor, num_nodes: int, tok_batch: Tensor, active_tokens: Tensor,
-                     active: Tensor, anchor_nodes: Tensor) -> Tuple[Tensor, Tensor]:
-        """Bidirectional mesh edges plus anchor edges (anchor <-> token, anchor self edges). Returns
-        them in node ids (2, E) and with targets renumbered in ``active`` order."""
-        edge_global = mesh_edges
-        if self.anchors is not None:
-            anchor_edges = self.anchors.edges(active_tokens, tok_batch[active_tokens], num_nodes - anchor_nodes.numel(), self.config.causal)
-            edge_global = torch.cat([mesh_edges, anchor_edges, anchor_nodes.expand(2, -1)], dim=1)
-        local = torch.full((num_nodes,), -1, dtype=torch.long, device=mesh_edges.device)
-        local[active] = torch.arange(active.numel(), device=mesh_edges.device)
-        return edge_global, torch.stack([edge_global[0], local[edge_global[1]]])
-
     def _gate_loss(self, confidences: List[Tensor], states: List[Tensor], sample: Optional[Tensor], logits: Tensor) -> Tensor:
         """Gate objective over the tokens whose gates ran (NaN confidence: exited before), masked
         rather than selected, so that it makes no host sync."""
@@ -391,16 +229,6 @@ class TMTModel(nn.Module):
         weights = range(1, len(states) + 1)
         losses = [w * F.cross_entropy(self.lm_head(state), target, ignore_index=-100) for w, state in zip(weights, states)]
         return sum(losses) / sum(weights)
-
-    @torch.no_grad()
-    def _update_anchors(self, tokens: Tensor, query: Tensor, anchor_key: Tensor) -> None:
-        """EMA step: token ``i`` (state ``tokens[i]``, layer-0 query ``query[i]`` (H, C)) spreads
-        weight 1 over the anchors by its attention scores against their layer-0 keys ``anchor_key``
-        (M, H, C) (softmax over the anchors, mean over heads); each anchor moves towards the
-        weighted mean of the token states (embeddings) that attend to it."""
-        scale = math.sqrt(query.size(-1))
-        weight = torch.einsum("nhc,mhc->nmh", query, anchor_key).div(scale).softmax(dim=1).mean(-1)  # (N, M)
-        self.anchors.update(tokens.float(), weight.float())
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW with weight decay on weight matrices (dim >= 2) only."""

@@ -1,0 +1,214 @@
+"""TMTLayer: one TemporalMesh Transformer layer (mesh, attention, FFN, exit gate) on the active rows."""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.anchors import MemoryAnchors
+from ..layers.attention import MeshAttentionConv
+from ..layers.dense_attention import dense_attention, dense_causal_attention
+from ..layers.exit_gate import ExitGate
+from ..layers.ffn import DualStreamFFN, FeedForward
+from ..layers.mesh import DynamicMesh, MeshSlots
+from .config import TMTConfig
+
+
+@dataclass
+class LayerInput:
+    """What every layer of one forward needs to know about the nodes."""
+    pos: Tensor  # (N,) token positions
+    node_pos: Tensor  # (N + R,) positions of tokens and anchor rows (-1: timeless)
+    tok_batch: Tensor  # (N,) graph of every token
+    anchor_nodes: Tensor  # (R,) node ids of the anchor rows
+    num_graphs: int
+    seq_len: Optional[int]  # every graph has this many tokens (a (B, S) input), else None
+
+    def node_batch(self) -> Tensor:
+        """Graph of every node, anchors of a bidirectional model M per graph: (N + R,)."""
+        B = self.num_graphs
+        anchor_batch = torch.arange(B, device=self.pos.device).repeat_interleave(self.anchor_nodes.numel() // B)
+        return torch.cat([self.tok_batch, anchor_batch])
+
+    def candidate_pairs(self, active_tokens: Tensor, causal: bool) -> int:
+        """(query, key) pairs the exact kNN search scores for the active tokens."""
+        N = self.pos.numel()
+        if self.seq_len is not None and active_tokens.numel() == N:
+            S = self.seq_len
+            return N * (S - 1) // (2 if causal else 1)
+        if causal:
+            return int(self.pos[active_tokens].sum())
+        lengths = torch.bincount(self.tok_batch, minlength=self.num_graphs)
+        return int((lengths[self.tok_batch[active_tokens]] - 1).sum())
+
+
+class LayerOutput(NamedTuple):
+    h: Tensor  # (N + R, D) states after the layer (exited rows unchanged)
+    exited: Tensor  # (N,) bool: frozen from the next layer on
+    confidence: Optional[Tensor]  # (N,) gate confidence (NaN: not computed), None without a gate
+    attention: Optional[Tuple[Tensor, Tensor]]  # (edge_index (2, E), alpha (E, H)) when asked for
+    mesh: Optional[MeshSlots]  # this layer's mesh
+    flops: float  # counted 2 * multiply-adds
+    rows: int  # token rows computed
+
+
+def head_units(heads: Tensor) -> Tensor:
+    """Queries or keys (n, H, C) -> (n, H * C) with every head L2-normalised: what the attention-
+    similarity mesh compares (the cosine of two rows is the mean over heads of the heads' cosines)."""
+    return F.normalize(heads.detach(), dim=-1).flatten(1)
+
+
+def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
+    """Slot attention ``alpha`` (A, S + M, H) as PyG edges ``(edge_index (2, E), alpha (E, H))``:
+    the valid slots, then anchor -> token (every token reads the same M rows), then the anchors'
+    self edges (weight 1)."""
+    S, M, H = mesh.index.size(1), anchor_nodes.numel(), alpha.size(2)
+    edge_index, _ = mesh.edges()
+    weights = alpha[:, :S][mesh.valid]  # (E, H)
+    if M:
+        anchor_edges = anchors.edges(mesh.target, torch.zeros_like(mesh.target), int(anchor_nodes[0]), causal=True)
+        edge_index = torch.cat([edge_index, anchor_edges, anchor_nodes.expand(2, -1)], 1)
+        weights = torch.cat([weights, alpha[:, S:].reshape(-1, H), alpha.new_ones(M, H)])
+    return edge_index, weights
+
+
+def layer_flops(cfg: TMTConfig, num_sources: int, num_active: int, num_edges: int, mesh_pairs: int) -> float:
+    """2 * multiply-adds of one layer: K/V for every source row, Q/out/FFN/gate for active rows,
+    4*D per attention edge (or query-key pair), 2*D per kNN candidate pair scored."""
+    D = cfg.d_model
+    ffn = 2 * D * D + 8 * D * cfg.ffn_stream_dim if cfg.dual_stream else 4 * D * cfg.mlp_dim
+    gate = 2 * D if cfg.use_exit else 0
+    return float(4 * D * D * num_sources + (4 * D * D + ffn + gate) * num_active + 4 * D * num_edges + 2 * D * mesh_pairs)
+
+
+@torch.no_grad()
+def anchor_ema_step(anchors: MemoryAnchors, tokens: Tensor, query: Tensor, anchor_key: Tensor) -> None:
+    """EMA step: token ``i`` (state ``tokens[i]``, layer-0 query ``query[i]`` (H, C)) spreads
+    weight 1 over the anchors by its attention scores against their layer-0 keys ``anchor_key``
+    (M, H, C) (softmax over the anchors, mean over heads); each anchor moves towards the
+    weighted mean of the token states (embeddings) that attend to it."""
+    scale = math.sqrt(query.size(-1))
+    weight = torch.einsum("nhc,mhc->nmh", query, anchor_key).div(scale).softmax(dim=1).mean(-1)  # (N, M)
+    anchors.update(tokens.float(), weight.float())
+
+
+class TMTLayer(nn.Module):
+    """One pre-LayerNorm TMT layer: the mesh rebuilt from the states, attention over it (or dense)
+    with the anchors, FFN, and the exit gate, all on the rows that have not exited."""
+
+    def __init__(self, cfg: TMTConfig, exit_gate: bool = False):
+        super().__init__()
+        D, H = cfg.d_model, cfg.n_heads
+        self.config = cfg
+        self.ln_attn = nn.LayerNorm(D)
+        self.attn = MeshAttentionConv(D, D // H, heads=H, dropout=cfg.attn_dropout, decay=cfg.use_decay,
+                                      decay_rate=cfg.decay_rate, max_seq_len=cfg.max_seq_len, rotary=cfg.rope)
+        self.ln_ffn = nn.LayerNorm(D)
+        self.ffn = DualStreamFFN(D, cfg.ffn_stream_dim) if cfg.dual_stream else FeedForward(D, cfg.mlp_dim)
+        self.exit_gate = ExitGate(D) if exit_gate else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def residual(self, h: Tensor, attn: Tensor) -> Tensor:
+        """Residual update of the active rows' states ``h`` (A, D) by their attention output (A, D)."""
+        out = h + self.drop(attn)
+        return out + self.drop(self.ffn(self.ln_ffn(out)))
+
+    def forward(self, h: Tensor, exited: Tensor, ctx: LayerInput, mesh: Optional[DynamicMesh],
+                anchors: Optional[MemoryAnchors], freeze: bool, with_weights: bool = False,
+                update_anchors: bool = False) -> LayerOutput:
+        """The layer on states ``h`` (N + R, D) of tokens, then anchor rows; tokens marked ``exited``
+        (N,) are frozen when ``freeze``: no query, FFN or gate for them, their state unchanged."""
+        cfg, N = self.config, ctx.pos.numel()
+        all_tokens = torch.arange(N, device=h.device)
+        active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
+        all_active = active_tokens.numel() == N
+        attn, alpha, slots, edges, pairs = self.attend(h, active_tokens, ctx, mesh, anchors, with_weights, update_anchors)
+        if all_active:
+            h_active = h = self.residual(h, attn)
+        else:
+            active = torch.cat([active_tokens, ctx.anchor_nodes])
+            h_active = self.residual(h[active], attn)
+            h = h.index_copy(0, active, h_active)  # exited rows keep their frozen state bit for bit
+        flops = layer_flops(cfg, h.size(0), active_tokens.numel() + ctx.anchor_nodes.numel(), edges, pairs)
+        conf_all = None
+        if self.exit_gate is not None:
+            gate_in = h_active[:active_tokens.numel()]
+            conf = self.exit_gate(gate_in.detach() if cfg.gate_detach else gate_in)
+            conf_all = conf if all_active else torch.full((N,), float("nan"), device=h.device, dtype=conf.dtype).index_put((active_tokens,), conf)
+            if freeze:
+                exited = exited.clone()
+                exited[active_tokens] |= conf.detach() > cfg.exit_threshold
+        return LayerOutput(h, exited, conf_all, alpha, slots, flops, active_tokens.numel())
+
+    def attend(self, h: Tensor, active_tokens: Tensor, ctx: LayerInput, mesh_search: Optional[DynamicMesh],
+               anchors: Optional[MemoryAnchors], with_weights: bool, update_anchors: bool = False
+               ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
+        """Attention output of the active rows (active tokens, then every anchor row): the mesh is
+        built from the states ``h`` (N + R, D), attention reads their layer-normed form. Returns the
+        output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
+        (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
+        kNN pairs scored (for the FLOP count). ``update_anchors``: take the anchors' EMA step from
+        this layer's query and anchor keys (causal layer 0 in training)."""
+        cfg, conv, N, R = self.config, self.attn, ctx.pos.numel(), ctx.anchor_nodes.numel()
+        x = self.ln_attn(h)
+        A = active_tokens.numel()
+        all_active = A == N
+        target = None if all_active else active_tokens
+        if mesh_search is None:
+            mesh_pairs = 0
+        elif mesh_search.search == "routed":
+            mesh_pairs = mesh_search.routed_pairs(A, ctx.seq_len or int(ctx.pos.max()) + 1)
+        else:
+            mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal)
+        if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
+            pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
+            key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
+            query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
+            mesh = None
+            if mesh_search is not None and cfg.mesh_similarity == "state":
+                mesh = mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
+            elif mesh_search is not None:  # queries search the keys; the search reads query rows by node id
+                query_x = head_units(query)
+                if not all_active:
+                    query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
+                mesh = mesh_search.slots(head_units(key[:N]), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
+            memory = (key[N:], value[N:]) if R else None
+            if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
+                anchor_ema_step(anchors, h[:N], query, key[N:])
+            if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
+                out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
+                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes, anchors) if with_weights else None
+            else:
+                out = dense_causal_attention(conv, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
+                                             active_tokens, ctx.seq_len, memory)
+                pairs, alpha = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R, None
+            if R:
+                weight = F.dropout(value.new_ones(R, conv.heads, 1), p=conv.dropout, training=conv.training)
+                out = torch.cat([out, conv.combine_heads(value[N:] * weight)])
+            return out, alpha, mesh, pairs, mesh_pairs
+        active = torch.cat([active_tokens, ctx.anchor_nodes])
+        mesh = None if mesh_search is None else mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
+        if mesh is None:
+            key, value = conv.project_key_value(x, ctx.node_pos)
+            node_batch = ctx.node_batch()
+            out = dense_attention(conv, conv.project_query(x[active], ctx.node_pos[active]), key, value,
+                                  (ctx.node_pos, ctx.node_pos[active]), (node_batch, node_batch[active]), ctx.num_graphs, False)
+            return out, None, None, (A + R) * (N + R), 0
+        edge_global, edge_index = self.layer_edges(mesh.edges()[0], h.size(0), ctx, active_tokens, active, anchors)
+        out, (_, alpha) = conv((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
+        return out, (edge_global, alpha), mesh, edge_index.size(1), mesh_pairs
+
+    def layer_edges(self, mesh_edges: Tensor, num_nodes: int, ctx: LayerInput, active_tokens: Tensor, active: Tensor,
+                    anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
+        """Bidirectional mesh edges plus anchor edges (anchor <-> token, anchor self edges). Returns
+        them in node ids (2, E) and with targets renumbered in ``active`` order."""
+        edge_global = mesh_edges
+        if anchors is not None:
+            anchor_nodes = ctx.anchor_nodes
+            anchor_edges = anchors.edges(active_tokens, ctx.tok_batch[active_tokens], num_nodes - anchor_nodes.numel(), self.config.causal)
+            edge_global = torch.cat([mesh_edges, anchor_edges, anchor_nodes.expand(2, -1)], dim=1)
+        local = torch.full((num_nodes,), -1, dtype=torch.long, device=mesh_edges.device)
+        local[active] = torch.arange(active.numel(), device=mesh_edges.device)
+        return edge_global, torch.stack([edge_global[0], local[edge_global[1]]])
