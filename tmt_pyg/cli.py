@@ -41,7 +41,7 @@ def existing_dir(text: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from .layers.mesh import BACKENDS
+    from .layers.mesh import BACKENDS, SEARCHES
     from .models.config import GATE_LOSSES, MESH_SIMILARITIES, TMTConfig
 
     d = TMTConfig()
@@ -63,6 +63,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout on embeddings, residual branches, attention")
     g.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=None, help="longest sequence the model accepts (default: --seq-len)")
     g.add_argument("--mesh-backend", dest="mesh_backend", choices=BACKENDS, default=d.mesh_backend, help="kNN search backend")
+    g.add_argument("--mesh-search", dest="mesh_search", choices=SEARCHES, default=d.mesh_search,
+                   help="exact: every earlier token is a kNN candidate; routed: the candidates of the best earlier blocks "
+                        "(sub-quadratic, for long contexts)")
+    g.add_argument("--route-block", dest="route_block", type=int, default=d.route_block, help="positions per routing block")
+    g.add_argument("--route-top", dest="route_top", type=int, default=d.route_top, help="earlier blocks each token routes to")
     g.add_argument("--gate-loss", dest="gate_loss", choices=GATE_LOSSES, default=d.gate_loss, help="training signal of the exit gates")
     g.add_argument("--gate-loss-weight", dest="gate_loss_weight", type=float, default=d.gate_loss_weight, help="weight of the gate loss")
     bool_flag = argparse.BooleanOptionalAction
