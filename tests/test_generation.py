@@ -1,15 +1,23 @@
 import pytest
 import torch
 
-from tmt_pyg.models.generation import TMTCache, extend, sample_next
+from tmt_pyg.models.generation import TMTCache, decode_layer, extend, sample_next
 from test_model import CONFIGS, make_model
 
+DECODING = {**CONFIGS,
+            # the vanilla attention (fused SDPA over the cache) until a token exits, dense slots after
+            "vanilla-exits": {**CONFIGS["vanilla"], "use_exit": True, "exit_threshold": 0.6},
+            "all-exit": dict(exit_threshold=1e-6)}  # every token exits after layer 0: later layers only fill caches
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window", "attention-mesh"])
+
+@pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window",
+                                  "attention-mesh", "vanilla-exits", "all-exit"])
 def test_incremental_equals_full(name):
-    model = make_model(**CONFIGS[name])
+    model = make_model(**DECODING[name])
     ids = torch.randint(0, 50, (2, 30))
-    full = model(ids).logits
+    out = model(ids)
+    full = out.logits
+    assert name not in ("exits-firing", "vanilla-exits", "all-exit") or float(out.exit_rate) > 0  # the exit path runs
     cache = TMTCache(model, ids[:, :10])
     torch.testing.assert_close(cache.last_logits, full[:, 9], atol=1e-5, rtol=1e-5)
     steps = torch.cat([extend(model, cache, ids[:, t:t + 1]) for t in range(10, 25)], 1)
@@ -18,21 +26,50 @@ def test_incremental_equals_full(name):
     torch.testing.assert_close(chunk, full[:, 25:30], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh", "vanilla-exits"])
 def test_prompts_of_different_lengths_decode_together(name):
-    """Rows of a batch decode together from prompts of different lengths; each row's logits equal a
-    full forward over that row alone."""
-    model = make_model(**CONFIGS[name])
+    """Rows of a batch decode together from prompts of different lengths, one token and then two at a
+    time; each row's logits equal a full forward over that row alone."""
+    model = make_model(**DECODING[name])
     rows = [torch.randint(0, 50, (n,)) for n in (7, 12, 3)]
     cache = TMTCache(model, rows)
-    new = torch.randint(0, 50, (3, 4))
-    logits = torch.cat([extend(model, cache, new[:, t:t + 1]) for t in range(4)], 1)
+    new = torch.randint(0, 50, (3, 6))
+    logits = torch.cat([extend(model, cache, new[:, t:t + 1]) for t in range(4)] + [extend(model, cache, new[:, 4:])], 1)
+    assert cache.host_lengths == [13, 18, 9] == cache.lengths.tolist()
     for row, prompt in enumerate(rows):
         full = model(torch.cat([prompt, new[row]]).unsqueeze(0)).logits[0]
-        torch.testing.assert_close(logits[row], full[-4:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[row], full[-6:], atol=1e-4, rtol=1e-4)
     out = model.generate(rows, 5, temperature=0)
     assert [o.numel() for o in out] == [12, 17, 8] and all(torch.equal(o[:p.numel()], p) for o, p in zip(out, rows))
     assert out[1][12] == model(rows[1].unsqueeze(0)).logits[0, -1].argmax()
+
+
+@pytest.mark.parametrize("name", ["full", "dense-decay-anchors", "vanilla-exits", "no-anchors-learned-pos"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_layer_step_on_all_tokens_equals_selected_rows(name, n):
+    """A decoding layer that runs on every new token (no exit yet: no row selection; vanilla: fused
+    attention) equals the same layer with every row selected, as after an exit, for the kept
+    states, the caches it writes and the gate."""
+    model = make_model(**DECODING[name])
+    cache = TMTCache(model, [torch.randint(0, 50, (k,)) for k in (9, 4)])
+    step = cache.step(model, n)
+    h = torch.randn(2 * n, model.config.d_model)
+    with torch.no_grad():
+        for block, layer in zip(model.blocks, cache.layers):
+            out, fired = decode_layer(model, block, layer, h, step, None)
+            written = [t.clone() for t in (layer.state, layer.key, layer.value)]
+            selected, fired_selected = decode_layer(model, block, layer, h, step, torch.arange(2 * n))
+            torch.testing.assert_close(out, selected, atol=1e-5, rtol=1e-5)
+            assert all(torch.equal(a, b) for a, b in zip(written, (layer.state, layer.key, layer.value)))
+            assert (fired is None) == (fired_selected is None) and (fired is None or torch.equal(fired, fired_selected))
+            h = out
+
+
+def test_lengths_kept_on_the_host_follow_a_reorder():
+    """Beam search reorders the cache's rows by assigning ``lengths``: the host copy follows."""
+    cache = TMTCache(make_model(), [torch.randint(0, 50, (k,)) for k in (5, 2, 7)])
+    cache.lengths = cache.lengths[torch.tensor([2, 2, 0])]
+    assert cache.host_lengths == [7, 7, 5]
 
 
 def test_generate_shapes_and_determinism():

@@ -5,19 +5,21 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
 from ..layers.mesh import top_slots, window_slots
 from ..layers.rotary import apply_rotary
-from .tmt import TMTBlock, TMTModel, head_units
+from .layer import head_units
+from .tmt import TMTModel
 
 
 class Step(NamedTuple):
     """What every layer of one decoding step knows about its T = B * n new tokens."""
     pos: Tensor  # (T,) positions
     flat: Tensor  # (T,) rows in the (B * capacity) flattened caches
+    start: Tensor  # (T,) flattened cache row of position 0 of every token's row
     rotation: Optional[Tuple[Tensor, Tensor]]  # rotary tables at pos (T, 1, C)
     slots: Optional[Tuple[Optional[Tensor], Tensor, Tensor]]  # mesh: where the kNN may look (T, end), then the
     # window and self slots as cache rows and their validity (T, w + 1); dense: None, every row up to end, validity
@@ -87,16 +89,18 @@ class TMTCache:
         pos = known[end - n:].repeat(B) if equal else (self.lengths.unsqueeze(1) + self.positions[:n]).view(-1)  # (B * n,)
         flat = (torch.arange(0, B * cap, cap, device=pos.device).unsqueeze(1) + pos.view(B, n)).view(-1)
         rotation = None if self.rotation is None else tuple(t.index_select(0, pos) for t in self.rotation)
+        start = flat - pos
         slots = mask = None
+        fused = fused_attention(model, self.layers[0])
         if model.mesh is not None:  # the kNN looks before the window; window and self slots as cache rows
             window, in_window = window_slots(flat, pos, model.mesh.window)
             slots = (known < (pos - model.mesh.window).unsqueeze(1), torch.cat([window.clamp(min=0), flat.unsqueeze(1)], 1),
                      torch.cat([in_window, in_window.new_ones(B * n, 1)], 1))
-        elif model.blocks[0].attn.decay is not None or self.layers[0].memory is not None or model.config.use_exit:
-            slots = (None, (flat - pos).unsqueeze(1) + known, known <= pos.unsqueeze(1))  # dense: the row up to pos
-        if slots is None and not (equal and n == 1):
+        elif not fused or model.config.use_exit:  # dense slots (once a token exits, for the rows still running)
+            slots = (None, start.unsqueeze(1) + known, known <= pos.unsqueeze(1))
+        if fused and not (equal and n == 1):  # one new token per row of equal rows reads everything up to end
             mask = (known <= pos.unsqueeze(1)).view(B, 1, n, end)
-        return Step(pos, flat, rotation, slots, mask, self.source_pos, end)
+        return Step(pos, flat, start, rotation, slots, mask, self.source_pos, end)
 
     @property
     def lengths(self) -> Tensor:
@@ -137,7 +141,13 @@ def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Op
     return top_slots(sim, allowed, model.mesh.k)
 
 
-def decode_layer(model: TMTModel, block: TMTBlock, layer: LayerCache, h: Tensor, step: Step,
+def fused_attention(model: TMTModel, layer: LayerCache) -> bool:
+    """Whether the layer's attention is plain softmax attention over the cache (no mesh, decay or
+    anchors), which fused ``scaled_dot_product_attention`` computes while no token has exited."""
+    return model.mesh is None and model.blocks[0].attn.decay is None and layer.memory is None
+
+
+def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor, step: Step,
                  active: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """One layer of a decoding step: cache the new tokens' states, keys and values; the ``active``
     ones (None: all) search, attend and run the block. Returns the states (T, D) and which active
@@ -154,7 +164,7 @@ def decode_layer(model: TMTModel, block: TMTBlock, layer: LayerCache, h: Tensor,
         cached.flatten(0, 1).index_copy_(0, step.flat, rows)
     if active is not None and active.numel() == 0:  # every token exited: its frozen state only feeds the caches
         return h, None
-    if active is None and step.slots is None:  # vanilla: fused attention over the cache
+    if active is None and fused_attention(model, layer):
         B = layer.key.size(0)
         q = query.reshape(B, -1, H, C).transpose(1, 2)
         k, v = layer.key[:, :step.end].transpose(1, 2), layer.value[:, :step.end].transpose(1, 2)
@@ -162,19 +172,18 @@ def decode_layer(model: TMTModel, block: TMTBlock, layer: LayerCache, h: Tensor,
         attn = conv.combine_heads(attn.transpose(1, 2).reshape(-1, H, C))
     else:
         select = (lambda t: t) if active is None else (lambda t: None if t is None else t[active])
-        rows, pos, query, flat = select(h), select(step.pos), select(query), select(step.flat)
+        rows, pos, query, start = select(h), select(step.pos), select(query), select(step.start)
         allowed, index, valid = (select(s) for s in step.slots)
         if model.mesh is not None:
-            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query),
-                                                 None if active is None else torch.div(flat, layer.key.size(1), rounding_mode="floor"), allowed)
-            index = torch.cat([near + (flat - pos).unsqueeze(1), index], 1)
+            row = None if active is None else torch.div(start, layer.key.size(1), rounding_mode="floor")
+            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query), row, allowed)
+            index = torch.cat([near + start.unsqueeze(1), index], 1)
             valid = torch.cat([near_valid, valid], 1)
         attn, _ = conv.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), index, valid,
                                     (step.source_pos, pos), layer.memory)
-    out = block(h if active is None else h[active], attn)
+    out = block.residual(h if active is None else h[active], attn)
     fired = None if block.exit_gate is None or not model.config.use_exit else block.exit_gate(out) > model.config.exit_threshold
     return (out if active is None else h.index_copy(0, active, out)), fired
-
 
 
 @torch.no_grad()
@@ -184,7 +193,8 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
     At every layer the active new tokens find their mesh neighbours among their row's cached states
     of that layer plus the new tokens before them, attend over the cached keys/values and the
     anchors, and may exit, exactly as in a full forward over the whole sequence (eval mode). Until a
-    token exits, each layer runs on all new tokens without selecting rows; the vanilla model attends with fused ``scaled_dot_product_attention`` over the cache.
+    token exits, every layer runs on all new tokens without selecting rows, and the vanilla model
+    attends with fused ``scaled_dot_product_attention`` over the cache.
     """
     cfg = model.config
     B, n = ids.shape
@@ -200,13 +210,9 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
         h = h + model.wpe(step.pos)
     active = None  # the tokens still running (None: all of them)
     for block, layer in zip(model.blocks, cache.layers):
-        if active is None:
-            h, fired = decode_layer(model, block, layer, h, step, None)
-            if fired is not None and bool(fired.any()):
-                active = (~fired).nonzero().view(-1)
-        else:  # once a token exits, the rows still running are selected in every later layer
-            h, fired = decode_layer(model, block, layer, h, step, active)
-            active = active if fired is None else active[~fired]
+        h, fired = decode_layer(model, block, layer, h, step, active)
+        if fired is not None and (active is not None or bool(fired.any())):  # from the first exit on, select the rows still running
+            active = (~fired).nonzero().view(-1) if active is None else active[~fired]
     cache.lengths = cache.lengths + n
     logits = model.lm_head(h).view(B, n, -1)
     cache.last_logits = logits[:, -1]
