@@ -31,8 +31,7 @@ class Step(NamedTuple):
 @dataclass
 class LayerCache:
     state: Tensor  # (B, capacity, D) input states of this layer (exited tokens frozen)
-    unit: Optional[Tensor]  # (B, capacity, D) what the mesh search compares, L2-normalised: the states or the keys
-    # (mesh_unit); None without a mesh
+    unit: Optional[Tensor]  # (B, capacity, D) what the mesh search compares (mesh_unit of the states or keys); None without a mesh
     key: Tensor  # (B, capacity, H, C) their keys
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
@@ -122,9 +121,10 @@ def rotation_table(conv: MeshAttentionConv, positions: Tensor) -> Tuple[Tensor, 
 
 
 def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
-    """Unit rows the mesh compares, as :meth:`DynamicMesh.slots` normalises them: the states (n, D),
-    or the queries/keys ``heads`` (n, H, C) for the attention-similarity mesh."""
-    return F.normalize(state if model.config.mesh_similarity == "state" else head_units(heads), dim=-1)
+    """Rows the mesh compares, ranked as :meth:`DynamicMesh.slots` ranks them: the unit states (n, D),
+    or for the attention-similarity mesh the queries/keys ``heads`` (n, H, C) with every head a unit
+    vector (their products are H times the cosines the full forward ranks by: the same order)."""
+    return F.normalize(state, dim=-1) if model.config.mesh_similarity == "state" else head_units(heads)
 
 
 def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], allowed: Tensor) -> Tuple[Tensor, Tensor]:
