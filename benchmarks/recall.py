@@ -211,12 +211,14 @@ def variants_main(args, size: Dict, info: Dict, argv: Optional[Sequence[str]]) -
     for arm_label, variant in arms:
         mine = sorted((r for r in runs if (r["label"], r["variant"]) == (arm_label, variant)), key=lambda r: r["seed"])
         mean, std = mean_std([r["accuracy"] for r in mine])
-        last = [r["probes"][-1] for r in mine if r.get("probes")]
-        avg = lambda key, layer: sum(p[key][layer] for p in last) / len(last) if last else None
+        first, last = [r["probes"][0] for r in mine if r.get("probes")], [r["probes"][-1] for r in mine if r.get("probes")]
+        avg = lambda key, layer, at=last: sum(p[key][layer] for p in at) / len(at) if at else None
         rows.append({"label": arm_label, "variant": variant, "seeds": [r["seed"] for r in mine],
                      "accuracy": [r["accuracy"] for r in mine], "mean": mean, "std": std,
                      "loss": mean_std([r["loss"] for r in mine])[0], "params": mine[0]["params"],
                      "code": sorted({r["code"] for r in mine}),
+                     "anchor_mass_start": [avg("anchor_mass", l, first) for l in range(size["n_layers"])] if last else None,
+                     "anchor_mass_end": [avg("anchor_mass", l) for l in range(size["n_layers"])] if last else None,
                      "anchor_mass_answer": [avg("anchor_mass_answer", l) for l in range(size["n_layers"])] if last else None,
                      "token_mass_answer": [avg("token_mass_answer", l) for l in range(size["n_layers"])] if last else None,
                      "decay_rate_mean": (sum(sum(map(sum, p["decay_rates"])) for p in last) /
@@ -227,14 +229,17 @@ def variants_main(args, size: Dict, info: Dict, argv: Optional[Sequence[str]]) -
               f"vocab {size['vocab_size']}, no dropout; {args.steps} AdamW steps (one-cycle, lr {lr:g}, clip 1.0) of "
               f"{args.batch_size} fresh sequences, accuracy on 512 held-out sequences (chance {2 / size['vocab_size']:.3f}). "
               "Arms are `TMTConfig.vanilla` with the named parts switched back on; `default` is every part on "
-              "(mesh, decay, anchors, dual-stream FFN, exits). Anchor / token mass: summed attention weight "
-              "(after the decay) on the 16 anchors and on the token slots at the answer positions, per layer "
-              "(layer 0/layer 1), at the end of training, mean over seeds; decay rate: mean learned softplus(omega).",
-              markdown_table(["label", "arm", "seeds", "accuracy mean ± std", "per seed", "answer loss", "anchor mass",
-                              "token mass", "decay rate", "params", "code"],
+              "(mesh, decay, anchors, dual-stream FFN, exits). Anchor mass: summed attention weight (after the decay) "
+              "on the 16 anchors, per layer (layer 0/layer 1), mean over seeds: over all tokens at step 0 and at the "
+              "end of training, and at the answer positions at the end; token mass: the same on the token slots at "
+              "the answer positions at the end; decay rate: mean learned softplus(omega) at the end.",
+              markdown_table(["label", "arm", "seeds", "accuracy mean ± std", "per seed", "answer loss",
+                              "anchor mass, step 0", "anchor mass, end", "anchor mass, answers", "token mass, answers",
+                              "decay rate", "params", "code"],
                              [(r["label"] or "-", r["variant"], len(r["seeds"]),
                                f"{r['mean']:.3f} ± {r['std'] or 0:.3f}", " ".join(f"{a:.3f}" for a in r["accuracy"]),
-                               f"{r['loss']:.2f}", fmt(r["anchor_mass_answer"]), fmt(r["token_mass_answer"]),
+                               f"{r['loss']:.2f}", fmt(r["anchor_mass_start"]), fmt(r["anchor_mass_end"]),
+                               fmt(r["anchor_mass_answer"]), fmt(r["token_mass_answer"]),
                                fmt(r["decay_rate_mean"]), f"{r['params']:,}", " ".join(r["code"])) for r in rows])]
     fig, axes = new_figure(width=7)
     for i, r in enumerate(rows):
