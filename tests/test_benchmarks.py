@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_cause, exit_speed, memory, mesh_backends, recall,  # noqa: E402
-                        search_scaling, shakespeare, slot_core, speed)
+from benchmarks import (ablation, decode, exit_cause, exit_speed, long_context_lm, memory, mesh_backends,  # noqa: E402
+                        recall, search_scaling, shakespeare, slot_core, speed)
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +166,17 @@ def test_search_scaling(tmp_path):
     assert all(finite_positive(r["infer_tokens_per_s"], r["train_tokens_per_s"]) for r in result["rows"])
     assert [s["S"] for s in result["search"]] == [128] and finite_positive(result["search"][0]["routed"])
     assert {(c["S"], c["what"]) for c in result["checks"]} == set()  # the quick sizes carry no targets
+
+
+def test_long_context_lm(tmp_path, data_dir):  # data_dir: skipped where the shared corpora are missing
+    result = long_context_lm.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--data-dir", str(data_dir)])
+    assert json.loads((tmp_path / "long_context_lm.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "long_context_lm.png").stat().st_size > 0
+    rows = result["rows"]
+    assert list(rows) == list(long_context_lm.ROWS)
+    assert max(r["params"] for r in rows.values()) / min(r["params"] for r in rows.values()) < 1.02
+    assert all(finite_positive(r["val_loss"], r["train_seconds"]) for r in rows.values())
+    assert set(result["gate"]) == {"tmt-exact", "tmt-routed"}
+    per_top = result["recall"]["per_route_top"]
+    assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in per_top.values())
+    assert per_top[max(per_top, key=int)] == [1.0, 1.0], "routed to every earlier block, the search is exact"
