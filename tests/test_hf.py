@@ -97,11 +97,12 @@ def test_generate_left_padded():
         assert torch.equal(out[i, ids.size(1):], model.tmt.generate(row.unsqueeze(0), 5, temperature=0)[0, row.numel():])
 
 
-def test_beam_search_cache_equals_recompute():
-    model = hf_model(**CONFIGS["exits-firing"])
+@pytest.mark.parametrize("name", ["exits-firing", "attention-mesh"])
+def test_beam_search_cache_equals_recompute(name):
+    model = hf_model(**CONFIGS[name])
     ids = torch.randint(0, 50, (2, 6))
-    cached = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False)
-    assert torch.equal(cached, model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False))
+    cached = model.generate(ids, max_new_tokens=16, num_beams=3, do_sample=False)
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=16, num_beams=3, do_sample=False, use_cache=False))
 
 
 def test_clear_errors():

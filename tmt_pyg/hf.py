@@ -61,6 +61,8 @@ class TMTGenerationCache:
         cache = self.cache
         for layer in cache.layers:
             layer.state, layer.key, layer.value = layer.state[beam_idx], layer.key[beam_idx], layer.value[beam_idx]
+            if layer.unit is not None:  # what the mesh search compares: the beam's own rows too
+                layer.unit = layer.unit[beam_idx]
         cache.lengths, cache.last_logits = cache.lengths[beam_idx], cache.last_logits[beam_idx]
 
 
@@ -88,6 +90,16 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward builds a TMTGenerationCache itself; a DynamicCache cannot hold a mesh
+
+    def generate(self, *args, assistant_early_exit: Optional[int] = None, **kwargs):
+        """transformers' ``generate``; ``assistant_early_exit`` is refused with our own entry point."""
+        if assistant_early_exit is not None:
+            raise ValueError(
+                "assistant_early_exit is not supported by TMTForCausalLM: transformers drafts by lowering "
+                "config.num_hidden_layers and cropping its own cache, and TMT's per-layer mesh caches are neither; use "
+                f"model.tmt.generate(input_ids, max_new_tokens, temperature=0, draft_layers={assistant_early_exit}) "
+                "(self-speculative decoding: the same greedy output)")
+        return super().generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.tmt.wte

@@ -1,7 +1,9 @@
 """Batched incremental decoding with preallocated per-layer caches: each new token meets the cached
 states of its layer, exactly as in a full forward over the whole sequence."""
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,11 @@ from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
 from ..layers.mesh import top_slots, window_slots
 from ..layers.rotary import apply_rotary
+from ..layers.routed_search import routed_knn
 from .layer import head_units
-from .tmt import TMTModel
+
+if TYPE_CHECKING:  # the model imports this module; this one needs the model's name only
+    from .tmt import TMTModel
 
 
 class Step(NamedTuple):
@@ -127,13 +132,18 @@ def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
     return F.normalize(state, dim=-1) if model.config.mesh_similarity == "state" else head_units(heads)
 
 
-def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], allowed: Tensor) -> Tuple[Tensor, Tensor]:
+def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], pos: Tensor,
+                      allowed: Tensor) -> Tuple[Tensor, Tensor]:
     """The mesh search of new tokens against their rows' caches: the ``k`` most similar allowed
-    positions of each query's row. ``unit`` (B, capacity, D) the layer's cached unit rows,
-    ``query_unit`` (A, D), ``row`` (A,) the row of every query (None: every new token of every row is
-    a query, rows in order), ``allowed`` (A, end) the candidate positions. Returns positions and
-    validity (A, k)."""
+    positions of each query's row (the routed search: among its routed blocks). ``unit``
+    (B, capacity, D) the layer's cached unit rows, ``query_unit`` (A, D), ``row`` (A,) the row of
+    every query (None: every new token of every row is a query, rows in order), ``pos`` (A,) their
+    positions, ``allowed`` (A, end) the candidate positions. Returns positions and validity (A, k)."""
     cached = unit[:, :allowed.size(1)]  # (B, end, D)
+    mesh = model.mesh
+    if mesh.search == "routed":
+        row = torch.arange(unit.size(0), device=pos.device).repeat_interleave(pos.numel() // unit.size(0)) if row is None else row
+        return routed_knn(cached, query_unit, row, pos, mesh.k, mesh.route_block, mesh.route_top, mesh.window)
     if row is None:
         sim = torch.bmm(query_unit.view(unit.size(0), -1, unit.size(2)), cached.transpose(1, 2)).flatten(0, 1)
     else:
@@ -176,7 +186,7 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
         allowed, index, valid = (select(s) for s in step.slots)
         if model.mesh is not None:
             row = None if active is None else torch.div(start, layer.key.size(1), rounding_mode="floor")
-            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query), row, allowed)
+            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query), row, pos, allowed)
             index = torch.cat([near + start.unsqueeze(1), index], 1)
             valid = torch.cat([near_valid, valid], 1)
         attn, _ = conv.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), index, valid,
@@ -187,8 +197,10 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
 
 
 @torch.no_grad()
-def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
+def extend(model: TMTModel, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
     """Run ``ids`` (B, n), the next ``n`` tokens of every cached row; update ``cache``; return logits (B, n, V).
+    ``num_layers``: only the first layers, their output through the final norm and head (a draft;
+    the later layers' caches are left behind for the full model to rewrite).
 
     At every layer the active new tokens find their mesh neighbours among their row's cached states
     of that layer plus the new tokens before them, attend over the cached keys/values and the
@@ -209,7 +221,7 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
     if model.wpe is not None:
         h = h + model.wpe(step.pos)
     active = None  # the tokens still running (None: all of them)
-    for block, layer in zip(model.blocks, cache.layers):
+    for block, layer in zip(model.blocks[:num_layers], cache.layers[:num_layers]):
         h, fired = decode_layer(model, block, layer, h, step, active)
         if fired is not None and (active is not None or bool(fired.any())):  # from the first exit on, select the rows still running
             active = (~fired).nonzero().view(-1) if active is None else active[~fired]
@@ -219,12 +231,9 @@ def extend(model: TMTModel, cache: TMTCache, ids: Tensor) -> Tensor:
     return logits
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Sample one id per row from logits (..., V): temperature, then top-k, then nucleus (top-p)
-    filtering. ``temperature == 0`` picks the argmax. Returns (..., 1)."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+    """The sampling distribution (..., V) of logits (..., V): temperature, then top-k, then nucleus
+    (top-p) filtering."""
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -234,8 +243,30 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
+    return logits.softmax(-1)
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Sample one id per row from logits (..., V) by :func:`filtered_probs`; ``temperature == 0``
+    picks the argmax. Returns (..., 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs.view(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1] + (1,))
+
+
+def check_generate_args(model: TMTModel, idx: TokenInput, max_new_tokens: int) -> Tuple[TokenInput, bool, int]:
+    """The prompts of ``idx`` (a (B, S) tensor or a list of 1-D prompts), whether they are a list,
+    and the longest prompt's length; raises on a bad shape or a too long generation."""
+    ragged = not isinstance(idx, Tensor)
+    if not ragged and idx.dim() != 2:
+        raise ValueError(f"idx must be a (B, S) tensor of token ids, got shape {tuple(idx.shape)}")
+    prompts = list(idx) if ragged else idx
+    longest = max(p.numel() for p in prompts) if ragged else idx.size(1)
+    if longest + max_new_tokens - 1 > model.config.max_seq_len:
+        raise ValueError(f"prompt length {longest} + {max_new_tokens} new tokens exceeds max_seq_len={model.config.max_seq_len}")
+    return prompts, ragged, longest
 
 
 @torch.no_grad()
@@ -245,13 +276,7 @@ def generate(model: TMTModel, idx: TokenInput, max_new_tokens: int, temperature:
 
     ``idx``: a (B, S) tensor -> (B, S + new); or a list of 1-D prompts of any lengths -> a list.
     """
-    ragged = not isinstance(idx, Tensor)
-    if not ragged and idx.dim() != 2:
-        raise ValueError(f"idx must be a (B, S) tensor of token ids, got shape {tuple(idx.shape)}")
-    prompts = list(idx) if ragged else idx
-    longest = max(p.numel() for p in prompts) if ragged else idx.size(1)
-    if longest + max_new_tokens - 1 > model.config.max_seq_len:
-        raise ValueError(f"prompt length {longest} + {max_new_tokens} new tokens exceeds max_seq_len={model.config.max_seq_len}")
+    prompts, ragged, longest = check_generate_args(model, idx, max_new_tokens)
     was_training = model.training
     model.eval()
     try:

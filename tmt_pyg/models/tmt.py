@@ -14,7 +14,9 @@ from ..layers.anchors import MemoryAnchors
 from ..layers.exit_gate import consistency_loss, decisiveness_loss, masked_mean
 from ..layers.mesh import DynamicMesh, MeshSlots
 from .config import TMTConfig
+from .generation import generate
 from .layer import LayerInput, TMTLayer, anchor_ema_step
+from .speculative import speculative_generate
 
 
 @dataclass
@@ -237,11 +239,15 @@ class TMTModel(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
-    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Sample ``max_new_tokens`` after each row of ``idx`` (B, S) with per-layer caches."""
-        from .generation import generate
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
+    def generate(self, idx: TokenInput, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 draft_layers: Optional[int] = None, draft_tokens: int = 4) -> Union[Tensor, List[Tensor]]:
+        """Sample ``max_new_tokens`` after each row of ``idx`` ((B, S), or a list of 1-D prompts) with
+        per-layer caches. ``draft_layers=E``: self-speculative decoding, ``draft_tokens`` drafted per
+        round by the first E layers and verified by the full model (greedy: the same tokens)."""
+        if draft_layers is None:
+            return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
+        return speculative_generate(self, idx, max_new_tokens, draft_layers, draft_tokens, temperature, top_k, top_p, generator)[0]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
