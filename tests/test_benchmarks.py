@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
 from benchmarks import (ablation, decode, exit_cause, exit_speed, long_context_lm, memory, mesh_backends,  # noqa: E402
-                        recall, search_scaling, shakespeare, slot_core, speed)
+                        recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
 @pytest.fixture(autouse=True)
@@ -180,3 +180,13 @@ def test_long_context_lm(tmp_path, data_dir):  # data_dir: skipped where the sha
     per_top = result["recall"]["per_route_top"]
     assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in per_top.values())
     assert per_top[max(per_top, key=int)] == [1.0, 1.0], "routed to every earlier block, the search is exact"
+
+
+def test_speculative(tmp_path):
+    result = run_quick(speculative, tmp_path)
+    plain = [r for r in result["rows"] if r["draft_layers"] is None]
+    assert [r["B"] for r in plain] == [1, 2] and all(r["speedup"] == 1.0 for r in plain)
+    drafted = [r for r in result["rows"] if r["draft_layers"] is not None]
+    assert {(r["B"], r["draft_layers"]) for r in drafted} == {(B, E) for B in (1, 2) for E in (1, 2)}
+    assert all(0 <= r["acceptance"] <= 1 and finite_positive(r["tokens_per_s"]) for r in drafted)
+    assert [c["B"] for c in result["checks"]] == [1]
