@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_cause, exit_speed, long_context_lm, memory, mesh_backends,  # noqa: E402
+from benchmarks import (ablation, decode, exit_cause, exit_speed, long_context_lm, long_decode, memory, mesh_backends,  # noqa: E402
                         recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
@@ -190,3 +190,10 @@ def test_speculative(tmp_path):
     assert {(r["B"], r["draft_layers"]) for r in drafted} == {(B, E) for B in (1, 2) for E in (1, 2)}
     assert all(0 <= r["acceptance"] <= 1 and finite_positive(r["tokens_per_s"]) for r in drafted)
     assert [c["B"] for c in result["checks"]] == [1]
+
+
+def test_long_decode(tmp_path):
+    result = run_quick(long_decode, tmp_path)
+    assert {r["model"] for r in result["rows"]} == {"vanilla", "TMT, exact search", "TMT, routed search"}
+    assert all(finite_positive(r["tokens_per_s"], r["prefill_s"]) and r["prompt"] == 96 for r in result["rows"])
+    assert result["checks"] == []  # the quick prompt carries no target
