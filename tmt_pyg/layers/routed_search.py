@@ -63,18 +63,19 @@ def route_scores(query: Tensor, summaries: Tensor, row: Tensor) -> Tensor:
 
 
 def routed_knn(unit: Tensor, query: Tensor, row: Tensor, pos: Tensor, k: int, block_size: int, top_blocks: int,
-               window: int = 0, route: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               window: int = 0, route: Optional[Tensor] = None, summaries: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Routed causal kNN of the unit rows ``query`` (Q, D) at positions ``pos`` (Q,) of sequences ``row`` (Q,).
 
     ``unit`` (B, S, D): every sequence's unit key rows (rows past a sequence's end are never read).
     ``route`` (Q, nb): the queries' block scores where the caller has them from one product
-    (default: :func:`route_scores`). Returns positions (Q, k) and their validity (Q, k), as the
-    exact search returns them.
+    (default: :func:`route_scores` against ``summaries`` (B, nb, D), by default :func:`block_summaries`).
+    Returns positions (Q, k) and their validity (Q, k), as the exact search returns them.
     """
     B, S, D = unit.shape
     blocks = -(-S // block_size)
-    keys = F.pad(unit, (0, 0, 0, blocks * block_size - S)).view(B, blocks, block_size, D)
-    route = route_scores(query, keys.mean(2), row) if route is None else route
+    keys = (unit if S % block_size == 0 else F.pad(unit, (0, 0, 0, blocks * block_size - S))).view(B, blocks, block_size, D)
+    if route is None:
+        route = route_scores(query, keys.mean(2) if summaries is None else summaries, row)
     own = pos // block_size
     block_ids = torch.arange(blocks, device=unit.device)
     chosen, routed = top_slots(route, block_ids < own.unsqueeze(1), top_blocks)  # ties to the later block

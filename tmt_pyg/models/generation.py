@@ -13,7 +13,7 @@ from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
 from ..layers.mesh import top_slots, window_slots
 from ..layers.rotary import apply_rotary
-from ..layers.routed_search import routed_knn
+from ..layers.routed_search import block_summaries, routed_knn
 from .layer import head_units
 
 if TYPE_CHECKING:  # the model imports this module; this one needs the model's name only
@@ -41,6 +41,7 @@ class LayerCache:
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
     qkv: Tuple[Tensor, Optional[Tensor]]  # the layer's query, key and value projections as one weight (3 H C, D) and bias
+    summary: Optional[Tensor] = None  # (B, capacity / route_block, D) mean unit row of every block (routed search)
 
 
 class TMTCache:
@@ -61,6 +62,9 @@ class TMTCache:
         out = model(data, output_hidden_states=True)
         N, B = data.num_nodes, int(data.num_graphs)
         self.capacity = capacity or cfg.max_seq_len
+        routed = model.mesh is not None and model.mesh.search == "routed"
+        if routed:  # whole blocks, so that the routed search views the caches as blocks without a copy
+            self.capacity = -(-self.capacity // model.mesh.route_block) * model.mesh.route_block
         self.lengths = torch.bincount(data.batch, minlength=B)  # (B,) tokens cached per row
         if max(self.host_lengths) > self.capacity:
             raise ValueError(f"prompt of length {max(self.host_lengths)} exceeds the cache capacity {self.capacity}")
@@ -77,6 +81,8 @@ class TMTCache:
                                  (layer.key, key), (layer.value, value)):
                 if cached is not None:
                     cached[data.batch, data.pos] = rows[:N]
+            if routed:
+                layer.summary = block_summaries(layer.unit, model.mesh.route_block)
             self.layers.append(layer)
         last = data.ptr[1:] - 1
         self.last_logits = out.logits[last]  # (B, V)
@@ -133,17 +139,18 @@ def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
 
 
 def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], pos: Tensor,
-                      allowed: Tensor) -> Tuple[Tensor, Tensor]:
+                      allowed: Tensor, summary: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The mesh search of new tokens against their rows' caches: the ``k`` most similar allowed
     positions of each query's row (the routed search: among its routed blocks). ``unit``
     (B, capacity, D) the layer's cached unit rows, ``query_unit`` (A, D), ``row`` (A,) the row of
     every query (None: every new token of every row is a query, rows in order), ``pos`` (A,) their
-    positions, ``allowed`` (A, end) the candidate positions. Returns positions and validity (A, k)."""
-    cached = unit[:, :allowed.size(1)]  # (B, end, D)
+    positions, ``allowed`` (A, end) the candidate positions, ``summary`` the cached block means (routed
+    search). Returns positions and validity (A, k)."""
     mesh = model.mesh
-    if mesh.search == "routed":
+    if mesh.search == "routed":  # summaries kept by the cache: per token O(S / block + routed keys), not O(S)
         row = torch.arange(unit.size(0), device=pos.device).repeat_interleave(pos.numel() // unit.size(0)) if row is None else row
-        return routed_knn(cached, query_unit, row, pos, mesh.k, mesh.route_block, mesh.route_top, mesh.window)
+        return routed_knn(unit, query_unit, row, pos, mesh.k, mesh.route_block, mesh.route_top, mesh.window, summaries=summary)
+    cached = unit[:, :allowed.size(1)]  # (B, end, D)
     if row is None:
         sim = torch.bmm(query_unit.view(unit.size(0), -1, unit.size(2)), cached.transpose(1, 2)).flatten(0, 1)
     else:
@@ -172,6 +179,10 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
         writes.append((layer.unit, mesh_unit(model, h, key)))
     for cached, rows in writes:
         cached.flatten(0, 1).index_copy_(0, step.flat, rows)
+    if layer.summary is not None:  # the blocks the new tokens fall in get their means again (complete ones are read)
+        size, D = model.mesh.route_block, layer.unit.size(2)
+        blocks = torch.div(step.flat, size, rounding_mode="floor")  # capacity is whole blocks: row * blocks + block
+        layer.summary.view(-1, D).index_copy_(0, blocks, layer.unit.view(-1, size, D).index_select(0, blocks).mean(1))
     if active is not None and active.numel() == 0:  # every token exited: its frozen state only feeds the caches
         return h, None
     if active is None and fused_attention(model, layer):
@@ -186,7 +197,7 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
         allowed, index, valid = (select(s) for s in step.slots)
         if model.mesh is not None:
             row = None if active is None else torch.div(start, layer.key.size(1), rounding_mode="floor")
-            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query), row, pos, allowed)
+            near, near_valid = cached_neighbours(model, layer.unit, mesh_unit(model, rows, query), row, pos, allowed, layer.summary)
             index = torch.cat([near + start.unsqueeze(1), index], 1)
             valid = torch.cat([near_valid, valid], 1)
         attn, _ = conv.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), index, valid,
