@@ -200,12 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     fig, (ax_loss, ax_recall) = new_figure(2)
     y_top = 0.0
     for row in rows:
-        curve = torch.tensor(next(r for r in results if r["row"] == row)["train_curve"]) / math.log(2)
+        first = next(r for r in results if r["row"] == row and r["seed"] == rows[row]["seeds"][0])
+        curve = torch.tensor(first["train_curve"]) / math.log(2)
         w = min(10, len(curve))
         smooth = curve.unfold(0, w, 1).mean(1)
         y_top = max(y_top, float(smooth[len(smooth) // 5]))  # the axis shows the last four fifths
-        ax_loss.plot(range(w, len(curve) + 1), smooth, label=f"{row} (train, mean of {w} steps)")
-        ax_loss.axhline(rows[row]["val_bits_per_char"], ls=":", color=ax_loss.lines[-1].get_color(), label=f"{row} val")
+        ax_loss.plot(range(w, len(curve) + 1), smooth, label=f"{row} (train, seed {first['seed']}, mean of {w} steps)")
+        ax_loss.axhline(rows[row]["val_bits_per_char"], ls=":", color=ax_loss.lines[-1].get_color(), label=f"{row} val (mean of seeds)")
     ax_loss.set(xlabel="step", ylabel="bits per character", title=f"char WikiText-2, context {size['max_seq_len']}",
                 ylim=(None, y_top * 1.05))
     ax_loss.grid(alpha=0.3)
