@@ -29,8 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--run", help="run folder or checkpoint of a trained causal model (the demo's: runs/demo/tmt)")
     parser.add_argument("--dataset", default="tinyshakespeare", help="corpus of the validation prompts")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--new", type=int, default=96, help="new tokens per row")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=48, help="new tokens per row (prompt + new <= the model's max_seq_len + 1)")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
     args = parser.parse_args(argv)
     if args.quick:  # an untrained model on random prompts: a smoke test of the code path

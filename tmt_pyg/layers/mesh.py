@@ -241,7 +241,9 @@ class DynamicMesh(torch.nn.Module):
         target = torch.arange(N, device=x.device) if query_index is None else query_index
         backend = self.resolve_backend(x.size(1))
         routed = self.search == "routed"
-        regular = seq_len is not None and (routed or (self.causal and backend == "dense"))
+        # equal lengths: the static search over every row, unless most rows have exited (then the flat
+        # search of the active rows is cheaper than searching every row and its bookkeeping together)
+        regular = seq_len is not None and (routed or (self.causal and backend == "dense" and 2 * target.numel() > N))
         if not regular or self.window:  # the flat search and the window slots need each graph's start
             if batch is None:
                 batch = torch.arange(N, device=x.device) // (seq_len or N)
@@ -255,7 +257,7 @@ class DynamicMesh(torch.nn.Module):
                                                  None if uq is None else uq.view(-1, seq_len, uq.size(1)))
             start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
-            if query_index is not None:  # searching every row costs less than the flat search's bookkeeping
+            if query_index is not None:  # the rows still active
                 index, valid = index[target], valid[target]
         else:
             knn = flat_knn if backend == "dense" else cluster_knn
