@@ -73,6 +73,12 @@ def test_train_eval_generate(tmp_path, capsys):
     words = capsys.readouterr().out.split()
     assert words[:4] == ["k3", "v9", "<q>", "k3"] and len(words) == 9
 
+    greedy = ["generate", str(out), "--prompt", "k3 v9 <q> k3", "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--draft-layers", "1", "--draft-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain  # self-speculative greedy decoding: the same text
+
 
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 1

@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--draft-layers", dest="draft_layers", type=int, default=None,
+                   help="self-speculative decoding: the first E layers draft, the full model verifies (same greedy output)")
+    p.add_argument("--draft-tokens", dest="draft_tokens", type=int, default=4, help="tokens drafted per round (with --draft-layers)")
     add_runtime_args(p)
 
     p = sub("bench", "tokens/s of a configuration (forward and training step) on random tokens",

@@ -145,7 +145,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt and ids[-len(tail):] == tail:
         ids = ids[:-len(tail)]
     idx = torch.tensor([(ids or tail)[-room:]], device=next(model.parameters()).device)
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         draft_layers=args.draft_layers, draft_tokens=args.draft_tokens)
     print(tok.decode(out[0].tolist()))
     return 0
 
