@@ -32,6 +32,18 @@ def base_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     return parser
 
 
+def run_study(args: argparse.Namespace, configs: Dict, data: Dict, run_once: Callable, rows) -> List[Dict]:
+    """Train every ``args.seeds`` x ``args.rows`` run by ``run_once(row, config, seed, data, args)``
+    (which skips runs cached under ``args.runs``; none with ``--table-only``), then return the cached
+    results of the known ``rows``."""
+    if not args.table_only:
+        for seed in args.seeds:
+            for row in args.rows:
+                run_once(row, configs[row], seed, data, args)
+    results = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json"))]
+    return [r for r in results if r["row"] in rows]
+
+
 def seed_groups(results: List[Dict], rows) -> Iterator[Tuple[str, List[Dict]]]:
     """The cached runs of every row (in ``rows`` order) that has any, as ``(row, runs)``."""
     for row in rows:

@@ -32,7 +32,7 @@ from tmt_pyg.models.layer import head_units
 from tmt_pyg.train import TrainConfig, Trainer, evaluate, load_checkpoint
 from tmt_pyg.train.trainer import read_metrics
 
-from .common import base_parser, finish, markdown_table, mean_std, new_figure, seed_groups, setup
+from .common import base_parser, finish, markdown_table, mean_std, new_figure, run_study, seed_groups, setup
 
 NAME = "long_context_lm"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -133,12 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         data["train"] = data["train"][:50_000]
     configs = row_configs(len(tok), size, route_block)
-    if not args.table_only:
-        for seed in args.seeds:
-            for row in args.rows:
-                run_once(row, configs[row], seed, data, args)
-    results = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json"))]
-    results = [r for r in results if r["row"] in ROWS]
+    results = run_study(args, configs, data, run_once, ROWS)
 
     rows = {}
     for row, mine in seed_groups(results, ROWS):

@@ -34,7 +34,7 @@ from tmt_pyg.data import SequenceLoader
 from tmt_pyg.data.corpus import load_data
 from tmt_pyg.train import TrainConfig, Trainer, calibrate_threshold, evaluate_at_threshold, load_checkpoint
 
-from .common import base_parser, finish, markdown_table, mean_std, new_figure, seed_groups, setup
+from .common import base_parser, finish, markdown_table, mean_std, new_figure, run_study, seed_groups, setup
 
 NAME = "shakespeare"
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU configuration
@@ -161,12 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         data = {split: s[:20_000] for split, s in data.items()}
     configs = row_configs(len(tok), size)
-    if not args.table_only:
-        for seed in args.seeds:
-            for row in args.rows:
-                run_once(row, configs[row], seed, data, args)
-    results = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json"))]
-    results = [r for r in results if r["row"] in ROWS]
+    results = run_study(args, configs, data, run_once, ROWS)
     timing_path = args.runs / "eval_times.json"
     models = variants(results, args.runs)
     if args.timing:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from tmt_pyg import TMTConfig, TMTModel
 from tmt_pyg.layers.mesh import DynamicMesh
-from tmt_pyg.layers.routed_search import block_summaries, neighbour_recall, routed_knn
+from tmt_pyg.layers.routed_search import as_blocks, block_summaries, neighbour_recall, routed_knn
 
 
 def reference(u, uq, k, block, top, window):
@@ -28,7 +28,7 @@ def test_routed_search_follows_its_rule(S, block, top, window):
     u = F.normalize(torch.randn(2, S, 8, generator=g), dim=-1)
     uq = F.normalize(torch.randn(2, S, 8, generator=g), dim=-1)
     row, pos = torch.arange(2).repeat_interleave(S), torch.arange(S).repeat(2)
-    found, valid = routed_knn(u, uq[row, pos], row, pos, 3, block, top, window)
+    found, valid = routed_knn(as_blocks(u, block), uq[row, pos], row, pos, 3, top, window)
     for r in range(2):
         got = torch.where(valid, found, -1)[row == r].sort(1).values
         want = reference(u[r], uq[r], 3, block, top, window).sort(1).values

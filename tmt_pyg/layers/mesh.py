@@ -7,7 +7,7 @@ from torch import Tensor
 
 import torch_cluster
 
-from .routed_search import block_summaries, routed_knn
+from .routed_search import as_blocks, routed_knn
 from .topk import top_slots
 
 BACKENDS = ("auto", "dense", "cluster")
@@ -289,9 +289,9 @@ class DynamicMesh(torch.nn.Module):
             query_unit = unit if uq is None else uq.new_zeros(shape).index_put_((batch, pos_all), uq)
             row, pos = batch[target], pos_all[target]
             start = ptr[row]
-        route = torch.bmm(query_unit, block_summaries(unit, self.route_block).transpose(1, 2))[row, pos]  # one product
-        found, valid = routed_knn(unit, query_unit[row, pos], row, pos, self.k, self.route_block, self.route_top,
-                                  self.window, route)
+        keys = as_blocks(unit, self.route_block)
+        route = torch.bmm(query_unit, keys.mean(2).transpose(1, 2))[row, pos]  # every query's block scores: one product
+        found, valid = routed_knn(keys, query_unit[row, pos], row, pos, self.k, self.route_top, self.window, route)
         return found + start.unsqueeze(1), valid
 
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,

@@ -20,12 +20,17 @@ from .topk import top_slots
 TILE = 64  # queries per tile of the grouped block products
 
 
-def block_summaries(unit: Tensor, block_size: int) -> Tensor:
-    """Mean unit row of every block of positions: (B, S, D) -> (B, ceil(S / block_size), D).
-    The last block may be partial (zero rows on top); it is never routed to."""
+def as_blocks(unit: Tensor, block_size: int) -> Tensor:
+    """Rows (B, S, D) as blocks of positions (B, ceil(S / block_size), block_size, D): a view when S
+    is whole blocks, else the last block padded with zero rows (it is never routed to)."""
     B, S, D = unit.shape
     blocks = -(-S // block_size)
-    return F.pad(unit, (0, 0, 0, blocks * block_size - S)).view(B, blocks, block_size, D).mean(2)
+    return (unit if S == blocks * block_size else F.pad(unit, (0, 0, 0, blocks * block_size - S))).view(B, blocks, block_size, D)
+
+
+def block_summaries(unit: Tensor, block_size: int) -> Tensor:
+    """Mean unit row of every block of positions: (B, S, D) -> (B, ceil(S / block_size), D)."""
+    return as_blocks(unit, block_size).mean(2)
 
 
 def grouped_block_scores(query: Tensor, keys: Tensor, row: Tensor, blocks: Tensor) -> Tensor:
@@ -62,25 +67,24 @@ def route_scores(query: Tensor, summaries: Tensor, row: Tensor) -> Tensor:
     return torch.bmm(summaries.index_select(0, row), query.unsqueeze(-1)).squeeze(-1)
 
 
-def routed_knn(unit: Tensor, query: Tensor, row: Tensor, pos: Tensor, k: int, block_size: int, top_blocks: int,
-               window: int = 0, route: Optional[Tensor] = None, summaries: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def routed_knn(keys: Tensor, query: Tensor, row: Tensor, pos: Tensor, k: int, top_blocks: int, window: int = 0,
+               route: Optional[Tensor] = None, summaries: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Routed causal kNN of the unit rows ``query`` (Q, D) at positions ``pos`` (Q,) of sequences ``row`` (Q,).
 
-    ``unit`` (B, S, D): every sequence's unit key rows (rows past a sequence's end are never read).
-    ``route`` (Q, nb): the queries' block scores where the caller has them from one product
-    (default: :func:`route_scores` against ``summaries`` (B, nb, D), by default :func:`block_summaries`).
-    Returns positions (Q, k) and their validity (Q, k), as the exact search returns them.
+    ``keys`` (B, nb, block_size, D): every sequence's unit key rows as blocks (:func:`as_blocks`;
+    rows past a sequence's end are never read). ``route`` (Q, nb): the queries' block scores where
+    the caller has them from one product (default: :func:`route_scores` against ``summaries``
+    (B, nb, D), by default the block means). Returns positions (Q, k) and their validity (Q, k), as
+    the exact search returns them.
     """
-    B, S, D = unit.shape
-    blocks = -(-S // block_size)
-    keys = (unit if S % block_size == 0 else F.pad(unit, (0, 0, 0, blocks * block_size - S))).view(B, blocks, block_size, D)
+    blocks, block_size = keys.size(1), keys.size(2)
     if route is None:
         route = route_scores(query, keys.mean(2) if summaries is None else summaries, row)
     own = pos // block_size
-    block_ids = torch.arange(blocks, device=unit.device)
+    block_ids = torch.arange(blocks, device=keys.device)
     chosen, routed = top_slots(route, block_ids < own.unsqueeze(1), top_blocks)  # ties to the later block
     chosen = torch.cat([torch.where(routed, chosen, own.unsqueeze(1)), own.unsqueeze(1)], 1)  # (Q, top + 1), own last
-    cand = (chosen.unsqueeze(-1) * block_size + torch.arange(block_size, device=unit.device)).flatten(1)  # (Q, C)
+    cand = (chosen.unsqueeze(-1) * block_size + torch.arange(block_size, device=keys.device)).flatten(1)  # (Q, C)
     usable = cand < (pos - window).unsqueeze(1)  # unrouted slots repeat the own block: count it once
     usable[:, :-block_size] &= routed.repeat_interleave(block_size, 1)
     sim = grouped_block_scores(query, keys, row, chosen).flatten(1)

@@ -13,7 +13,7 @@ from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
 from ..layers.mesh import top_slots, window_slots
 from ..layers.rotary import apply_rotary
-from ..layers.routed_search import block_summaries, routed_knn
+from ..layers.routed_search import as_blocks, block_summaries, routed_knn
 from .layer import head_units
 
 if TYPE_CHECKING:  # the model imports this module; this one needs the model's name only
@@ -149,7 +149,8 @@ def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Op
     mesh = model.mesh
     if mesh.search == "routed":  # summaries kept by the cache: per token O(S / block + routed keys), not O(S)
         row = torch.arange(unit.size(0), device=pos.device).repeat_interleave(pos.numel() // unit.size(0)) if row is None else row
-        return routed_knn(unit, query_unit, row, pos, mesh.k, mesh.route_block, mesh.route_top, mesh.window, summaries=summary)
+        return routed_knn(as_blocks(unit, mesh.route_block), query_unit, row, pos, mesh.k, mesh.route_top, mesh.window,
+                          summaries=summary)
     cached = unit[:, :allowed.size(1)]  # (B, end, D)
     if row is None:
         sim = torch.bmm(query_unit.view(unit.size(0), -1, unit.size(2)), cached.transpose(1, 2)).flatten(0, 1)
@@ -182,7 +183,7 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
     if layer.summary is not None:  # the blocks the new tokens fall in get their means again (complete ones are read)
         size, D = model.mesh.route_block, layer.unit.size(2)
         blocks = torch.div(step.flat, size, rounding_mode="floor")  # capacity is whole blocks: row * blocks + block
-        layer.summary.view(-1, D).index_copy_(0, blocks, layer.unit.view(-1, size, D).index_select(0, blocks).mean(1))
+        layer.summary.view(-1, D).index_copy_(0, blocks, as_blocks(layer.unit, size).flatten(0, 1).index_select(0, blocks).mean(1))
     if active is not None and active.numel() == 0:  # every token exited: its frozen state only feeds the caches
         return h, None
     if active is None and fused_attention(model, layer):
