@@ -7,7 +7,8 @@ Rows, at equal tokens (2000 x 12 x 64):
 * ``vanilla``: fused-SDPA transformer, MLP width matched to the TMT's parameter count; ``vanilla-{1,2,3}L``:
   the same with fewer layers (the equal-compute baselines exits must beat);
 * ``tmt-pure``: TMT with the seed's mesh (kNN over states), no exits; ``tmt-mesh``: TMT with the
-  attention-similarity mesh + window 8, no exits (the recall issue's LM check);
+  attention-similarity mesh + window 8, no exits (the recall issue's LM check); ``tmt-mesh-1h``: the same
+  mesh searched on one head's queries and keys (``search_heads=1``: a search 4x narrower);
 * ``tmt-exit``: ``tmt-mesh`` plus exit gates trained by the recipe: early-exit LM loss for the trunk
   (weight 0.5), detached gates clipped apart from the trunk. Its threshold is calibrated on the first
   half of the validation split (loss within +2 % of exits off); exit metrics are reported on the
@@ -40,7 +41,7 @@ NAME = "shakespeare"
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU configuration
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, max_seq_len=64)
 MESH = dict(mesh_similarity="attention", mesh_window=8)
-ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-exit")
+ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-mesh-1h", "tmt-exit")
 
 
 def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
@@ -48,7 +49,7 @@ def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
     tmt = TMTConfig(vocab_size=vocab_size, **size, **MESH, use_exit=False)
     vanilla = match_parameters(TMTConfig.vanilla(vocab_size=vocab_size, **size), count_parameters(tmt))
     return {"vanilla": vanilla, **{f"vanilla-{n}L": replace(vanilla, n_layers=n) for n in (3, 2, 1)},
-            "tmt-pure": replace(tmt, mesh_similarity="state", mesh_window=0), "tmt-mesh": tmt,
+            "tmt-pure": replace(tmt, mesh_similarity="state", mesh_window=0), "tmt-mesh": tmt, "tmt-mesh-1h": replace(tmt, search_heads=1),
             "tmt-exit": replace(tmt, use_exit=True, exit_loss_weight=0.5, gate_detach=True)}
 
 

@@ -11,7 +11,7 @@ DECODING = {**CONFIGS,
 
 
 @pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window",
-                                  "attention-mesh", "vanilla-exits", "all-exit", "routed"])
+                                  "attention-mesh", "vanilla-exits", "all-exit", "routed", "one-head-search"])
 def test_incremental_equals_full(name):
     model = make_model(**DECODING[name])
     ids = torch.randint(0, 50, (2, 30))
@@ -26,7 +26,8 @@ def test_incremental_equals_full(name):
     torch.testing.assert_close(chunk, full[:, 25:30], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh", "vanilla-exits", "routed"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh", "vanilla-exits", "routed",
+                                  "one-head-search"])
 def test_prompts_of_different_lengths_decode_together(name):
     """Rows of a batch decode together from prompts of different lengths, one token and then two at a
     time; each row's logits equal a full forward over that row alone."""

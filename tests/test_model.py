@@ -15,6 +15,7 @@ CONFIGS = {
     "window": dict(mesh_window=3),
     "attention-mesh": dict(mesh_similarity="attention", mesh_window=2, exit_threshold=0.6),
     "routed": dict(mesh_search="routed", route_block=4, route_top=2, mesh_window=2, exit_threshold=0.6),
+    "one-head-search": dict(search_heads=1, exit_threshold=0.6),
 }
 
 
@@ -48,7 +49,7 @@ def test_exits_actually_fire_in_the_causality_config():
     assert 0 < float(out.exit_rate) < 1
 
 
-@pytest.mark.parametrize("name", ["full", "exits-firing", "dense-decay-anchors", "vanilla", "routed"])
+@pytest.mark.parametrize("name", ["full", "exits-firing", "dense-decay-anchors", "vanilla", "routed", "one-head-search"])
 def test_batch_invariance(name):
     model = make_model(**CONFIGS[name])
     seqs = [torch.randint(0, 50, (n,)) for n in (17, 40, 5, 29)]
@@ -96,3 +97,25 @@ def test_output_fields():
     assert edge_index.size(1) == sim.numel() and int(edge_index.max()) < N
     assert len(out.attentions) == 3 and out.attentions[0][1].shape == (out.attentions[0][0].size(1), 4)
     assert float(out.work_fraction) == 1.0 and out.flops > 0
+
+
+def test_search_heads_picks_the_heads_the_mesh_compares():
+    """search_heads=H is the full-width search; fewer heads build a different mesh from the first heads
+    only (the other heads' keys can change without moving it); bad values fail early."""
+    ids = torch.randint(0, 50, (2, 40))
+    full, all_heads = make_model(), make_model(search_heads=SMALL["n_heads"])
+    out = all_heads(ids)
+    assert torch.equal(out.mesh.index, full(ids).mesh.index)
+    one = make_model(search_heads=1)
+    assert not torch.equal(one(ids).mesh.index, out.mesh.index)
+    mesh = one(ids).mesh.index
+    C = SMALL["d_model"] // SMALL["n_heads"]
+    with torch.no_grad():  # the last layer's mesh reads only head 0's query/key rows
+        one.blocks[-1].attn.lin_key.weight[C:] += torch.randn_like(one.blocks[-1].attn.lin_key.weight[C:])
+        one.blocks[-1].attn.lin_query.weight[C:] += 1.0
+    assert torch.equal(one(ids).mesh.index, mesh)
+    assert one(ids).flops < out.flops
+    with pytest.raises(ValueError, match="search_heads"):
+        TMTConfig(n_heads=4, d_model=32, search_heads=5)
+    with pytest.raises(ValueError, match="search_heads"):
+        TMTConfig(mesh_similarity="state", search_heads=1)

@@ -68,6 +68,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(sub-quadratic, for long contexts)")
     g.add_argument("--route-block", dest="route_block", type=int, default=d.route_block, help="positions per routing block")
     g.add_argument("--route-top", dest="route_top", type=int, default=d.route_top, help="earlier blocks each token routes to")
+    g.add_argument("--search-heads", dest="search_heads", type=int, default=d.search_heads,
+                   help="heads whose queries/keys the mesh search compares (0: all; fewer: a cheaper search)")
     g.add_argument("--gate-loss", dest="gate_loss", choices=GATE_LOSSES, default=d.gate_loss, help="training signal of the exit gates")
     g.add_argument("--gate-loss-weight", dest="gate_loss_weight", type=float, default=d.gate_loss_weight, help="weight of the gate loss")
     bool_flag = argparse.BooleanOptionalAction

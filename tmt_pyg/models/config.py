@@ -24,6 +24,8 @@ class TMTConfig:
     # exact top-k among the route_top best earlier blocks of route_block positions + the own block
     route_block: int = 64  # positions per routing block (mesh_search="routed")
     route_top: int = 4  # earlier blocks every token routes to (mesh_search="routed")
+    search_heads: int = 0  # heads whose queries and keys the attention-similarity mesh compares (the first
+    # search_heads; 0: all): the search's S x S product shrinks by n_heads / search_heads
     decay_rate: float = 2.0  # initial per-head temporal decay rate softplus(omega)
     exit_threshold: float = 0.85  # tau: a token exits once its gate confidence exceeds it
     dual_stream: bool = True  # dual-stream FFN; False: plain GELU MLP of width mlp_dim
@@ -77,6 +79,10 @@ class TMTConfig:
         need(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         need(self.decay_rate > 0, f"decay_rate must be > 0, got {self.decay_rate}")
         need(self.memory_anchors >= 1 or not self.use_anchors, "use_anchors needs memory_anchors >= 1")
+        need(0 <= self.search_heads <= self.n_heads,
+             f"search_heads must lie in [0, n_heads={self.n_heads}] (0: all heads), got {self.search_heads}")
+        need(self.search_heads == 0 or self.mesh_similarity == "attention",
+             "search_heads selects heads of the attention-similarity mesh: it needs mesh_similarity='attention'")
         need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
         need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")

@@ -36,12 +36,12 @@ class Step(NamedTuple):
 @dataclass
 class LayerCache:
     state: Tensor  # (B, capacity, D) input states of this layer (exited tokens frozen)
-    unit: Optional[Tensor]  # (B, capacity, D) what the mesh search compares (mesh_unit of the states or keys); None without a mesh
+    unit: Optional[Tensor]  # (B, capacity, D') what the mesh search compares (mesh_unit of the states or keys); None without a mesh
     key: Tensor  # (B, capacity, H, C) their keys
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
     qkv: Tuple[Tensor, Optional[Tensor]]  # the layer's query, key and value projections as one weight (3 H C, D) and bias
-    summary: Optional[Tensor] = None  # (B, capacity / route_block, D) mean unit row of every block (routed search)
+    summary: Optional[Tensor] = None  # (B, capacity / route_block, D') mean unit row of every block (routed search)
 
 
 class TMTCache:
@@ -74,11 +74,10 @@ class TMTCache:
             key, value = block.attn.project_key_value(block.ln_attn(h), node_pos)
             lins = (block.attn.lin_query, block.attn.lin_key, block.attn.lin_value)
             qkv = (torch.cat([lin.weight for lin in lins]), None if lins[0].bias is None else torch.cat([lin.bias for lin in lins]))
-            new = lambda rows: rows.new_zeros((B, self.capacity) + rows.shape[1:])
-            layer = LayerCache(new(h), None if model.mesh is None else new(h), new(key), new(value),
-                               (key[N:], value[N:]) if h.size(0) > N else None, qkv)
-            for cached, rows in ((layer.state, h), (layer.unit, None if model.mesh is None else mesh_unit(model, h, key)),
-                                 (layer.key, key), (layer.value, value)):
+            new = lambda rows: None if rows is None else rows.new_zeros((B, self.capacity) + rows.shape[1:])
+            unit = None if model.mesh is None else mesh_unit(model, h, key)
+            layer = LayerCache(new(h), new(unit), new(key), new(value), (key[N:], value[N:]) if h.size(0) > N else None, qkv)
+            for cached, rows in ((layer.state, h), (layer.unit, unit), (layer.key, key), (layer.value, value)):
                 if cached is not None:
                     cached[data.batch, data.pos] = rows[:N]
             if routed:
@@ -134,8 +133,10 @@ def rotation_table(conv: MeshAttentionConv, positions: Tensor) -> Tuple[Tensor, 
 def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
     """Rows the mesh compares, ranked as :meth:`DynamicMesh.slots` ranks them: the unit states (n, D),
     or for the attention-similarity mesh the queries/keys ``heads`` (n, H, C) with every head a unit
-    vector (their products are H times the cosines the full forward ranks by: the same order)."""
-    return F.normalize(state, dim=-1) if model.config.mesh_similarity == "state" else head_units(heads)
+    vector, the first ``search_heads`` heads (their products are that many times the cosines the full
+    forward ranks by: the same order)."""
+    cfg = model.config
+    return F.normalize(state, dim=-1) if cfg.mesh_similarity == "state" else head_units(heads, cfg.search_heads)
 
 
 def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], pos: Tensor,

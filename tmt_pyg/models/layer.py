@@ -54,10 +54,11 @@ class LayerOutput(NamedTuple):
     rows: int  # token rows computed
 
 
-def head_units(heads: Tensor) -> Tensor:
-    """Queries or keys (n, H, C) -> (n, H * C) with every head L2-normalised: what the attention-
-    similarity mesh compares (the cosine of two rows is the mean over heads of the heads' cosines)."""
-    return F.normalize(heads.detach(), dim=-1).flatten(1)
+def head_units(heads: Tensor, num_heads: int = 0) -> Tensor:
+    """Queries or keys (n, H, C) -> (n, h * C), the first ``h = num_heads`` heads (0: all H) each
+    L2-normalised: what the attention-similarity mesh compares (the cosine of two rows is the mean
+    over those heads of the heads' cosines)."""
+    return F.normalize((heads[:, :num_heads] if num_heads else heads).detach(), dim=-1).flatten(1)
 
 
 def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
@@ -76,11 +77,12 @@ def slot_edges(mesh: MeshSlots, alpha: Tensor, anchor_nodes: Tensor, anchors: Op
 
 def layer_flops(cfg: TMTConfig, num_sources: int, num_active: int, num_edges: int, mesh_pairs: int) -> float:
     """2 * multiply-adds of one layer: K/V for every source row, Q/out/FFN/gate for active rows,
-    4*D per attention edge (or query-key pair), 2*D per kNN candidate pair scored."""
+    4*D per attention edge (or query-key pair), 2 * (search width) per kNN candidate pair scored."""
     D = cfg.d_model
+    search_dim = cfg.search_heads * D // cfg.n_heads if cfg.search_heads else D
     ffn = 2 * D * D + 8 * D * cfg.ffn_stream_dim if cfg.dual_stream else 4 * D * cfg.mlp_dim
     gate = 2 * D if cfg.use_exit else 0
-    return float(4 * D * D * num_sources + (4 * D * D + ffn + gate) * num_active + 4 * D * num_edges + 2 * D * mesh_pairs)
+    return float(4 * D * D * num_sources + (4 * D * D + ffn + gate) * num_active + 4 * D * num_edges + 2 * search_dim * mesh_pairs)
 
 
 @torch.no_grad()
@@ -170,10 +172,10 @@ class TMTLayer(nn.Module):
             if mesh_search is not None and cfg.mesh_similarity == "state":
                 mesh = mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
             elif mesh_search is not None:  # queries search the keys; the search reads query rows by node id
-                query_x = head_units(query)
+                query_x = head_units(query, cfg.search_heads)
                 if not all_active:
                     query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
-                mesh = mesh_search.slots(head_units(key[:N]), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
+                mesh = mesh_search.slots(head_units(key[:N], cfg.search_heads), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
             memory = (key[N:], value[N:]) if R else None
             if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
                 anchor_ema_step(anchors, h[:N], query, key[N:])
