@@ -9,25 +9,34 @@ the neighbourhood:
 * ``gcn``, ``sage``, ``gat``: PyG's GCNConv, SAGEConv (mean, no root weight), GATConv (no self loops);
 * ``gps``: PyG's GPSConv (SAGEConv local + Performer global attention, LayerNorm) in place of the block;
 * ``mesh``: MeshAttentionConv over the given edges ∪ a kNN mesh;
-* ``mesh_sep``: two MeshAttentionConvs, one over the given edges and one over the kNN mesh alone.
+* ``mesh_sep``: two MeshAttentionConvs, one over the given edges and one over the kNN mesh alone;
+* ``mesh_gate``: ``mesh_sep`` with the mesh channel times a learned scalar gate that starts at 0, so the
+  net starts as ``attn`` and opens the mesh only as far as training finds it useful;
+* ``attn``: one MeshAttentionConv over the given edges alone (the graph channel of the two above, the
+  control that says what the mesh adds);
+* ``gat_mesh``: ``gat`` plus the gated mesh channel (the mesh added to a PyG net, starting as that net).
 
 The mesh (``DynamicMesh(causal=False)``) links every node to the ``k`` nodes nearest to it in a
 learned ``mesh_dim``-dim projection of its state, rebuilt at every forward; the projection is part of
 the block's FFN input, so the task trains it. Low-dimensional, so torch-cluster's KD-tree finds the
-mesh fast on CPU. Training: full batch, Adam, early stopping on the validation metric (test metric at
-the best validation epoch; stop after ``patience`` epochs without a new best). Every finished
-(dataset, model, split) is saved as JSON under ``--out``, so a rerun continues where one stopped, and
-each dataset's table as ``--out/<dataset>/summary.json``.
+mesh fast on CPU (``--mesh-backend dense --mesh-block 16384``: one exact ``matmul + topk`` per search,
+the fast choice on a GPU). Training: full batch, Adam, early stopping on the validation metric (test
+metric at the best validation epoch; stop after ``patience`` epochs without a new best). Every
+finished (dataset, model, split) is saved as JSON under ``--out``, named by a digest of the settings
+that shape the result (width, depth, lr, epochs, k, ...), so a rerun continues where one stopped, runs
+at other settings sit beside it, and each dataset's table is ``--out/<dataset>/summary.json``.
 
 The datasets are read from ``../shared/data/heterophilous`` (copied to ``~/.cache/tmt_pyg`` once, or
 wherever ``--cache-dir`` says); PyG downloads Minesweeper and Tolokers when no local copy exists.
 
-    python examples/heterophily.py --threads 1                            # all datasets and models, 10 splits
+    python examples/heterophily.py --threads 1                            # all datasets, default models, 10 splits
     python examples/heterophily.py --datasets tolokers --splits 0 1 --epochs 100 --eval-every 5
-    python examples/heterophily.py --datasets minesweeper --models sage mesh_sep --hidden 64
+    python examples/heterophily.py --datasets minesweeper --models sage mesh_gate --k 16
+    python examples/heterophily.py --device cuda --hidden 512 --epochs 1000 --mesh-backend dense --mesh-block 16384
     python examples/heterophily.py --quick                                # tiny slice (tests)
 """
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -48,7 +57,8 @@ from tmt_pyg.data import dataset_root
 from tmt_pyg.report import markdown_table
 
 DATASETS = {"minesweeper": "roc_auc", "tolokers": "roc_auc", "chameleon_filtered": "acc"}
-MODELS = ("gcn", "sage", "gat", "gps", "mesh", "mesh_sep")
+MODELS = ("gcn", "sage", "gat", "gps", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
+DEFAULT_MODELS = ("gcn", "sage", "gat", "gps", "mesh_sep", "mesh_gate")  # mesh: below mesh_sep everywhere (docs/results)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -92,9 +102,11 @@ class MeshRead(nn.Module):
     it (the mesh search itself has no gradient). ``mesh_time``: seconds spent building meshes in
     training mode (projection, kNN search, union with the graph)."""
 
-    def __init__(self, hidden: int, heads: int, k: int, mesh_dim: int, dropout: float, with_graph: bool):
+    def __init__(self, hidden: int, heads: int, k: int, mesh_dim: int, dropout: float, with_graph: bool,
+                 backend: str = "auto", block_size: int = 256):
         super().__init__()
-        self.proj, self.mesh = nn.Linear(hidden, mesh_dim), DynamicMesh(k, causal=False)
+        self.proj = nn.Linear(hidden, mesh_dim)
+        self.mesh = DynamicMesh(k, causal=False, backend=backend, block_size=block_size)
         self.conv = MeshAttentionConv(hidden, hidden // heads, heads=heads, dropout=dropout, decay=False)
         self.with_graph, self.mesh_time = with_graph, 0.0
 
@@ -113,6 +125,19 @@ class MeshRead(nn.Module):
         key, value = self.conv.project_key_value(h, None)
         out, _ = self.conv.attend_slots(self.conv.project_query(h, None), key, value, slots.index, slots.valid, (None, None))
         return torch.cat([out, p], dim=-1)
+
+
+class Gated(nn.Module):
+    """``gate * read(h, edge_index)`` with a learned scalar ``gate`` that starts at 0: the block starts as
+    if the read were absent (its FFN columns see zeros) and the first gradient step opens it as far as
+    the loss asks. Used on the mesh channel, so a mesh net starts as the plain graph net."""
+
+    def __init__(self, read: nn.Module):
+        super().__init__()
+        self.read, self.gate = read, nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        return self.gate * self.read(h, edge_index)
 
 
 class SepBlock(nn.Module):
@@ -149,16 +174,20 @@ class Net(nn.Module):
 def build(name: str, args, in_channels: int, classes: int) -> Net:
     """The model ``name`` at the shared width, depth and dropout."""
     d, heads, drop = args.hidden, args.heads, args.dropout
-    mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph)
+    mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph, args.mesh_backend, args.mesh_block)
+    graph = lambda: MeshAttentionConv(d, d // heads, heads=heads, dropout=drop, decay=False)  # the given edges alone
+    gat = lambda: GATConv(d, d // heads, heads=heads, add_self_loops=False, dropout=drop)
     block = {
         "gcn": lambda: SepBlock(d, [GCNConv(d, d)], d, drop),
         "sage": lambda: SepBlock(d, [SAGEConv(d, d, root_weight=False)], d, drop),
-        "gat": lambda: SepBlock(d, [GATConv(d, d // heads, heads=heads, add_self_loops=False, dropout=drop)], d, drop),
+        "gat": lambda: SepBlock(d, [gat()], d, drop),
         "gps": lambda: GPSConv(d, SAGEConv(d, d), heads=heads, dropout=drop, attn_type="performer",
                                attn_kwargs=dict(head_channels=d // heads), norm="layer_norm", norm_kwargs=dict(mode="node")),
+        "attn": lambda: SepBlock(d, [graph()], d, drop),
         "mesh": lambda: SepBlock(d, [mesh(True)], d + args.mesh_dim, drop),
-        "mesh_sep": lambda: SepBlock(d, [MeshAttentionConv(d, d // heads, heads=heads, dropout=drop, decay=False),
-                                         mesh(False)], 2 * d + args.mesh_dim, drop),
+        "mesh_sep": lambda: SepBlock(d, [graph(), mesh(False)], 2 * d + args.mesh_dim, drop),
+        "mesh_gate": lambda: SepBlock(d, [graph(), Gated(mesh(False))], 2 * d + args.mesh_dim, drop),
+        "gat_mesh": lambda: SepBlock(d, [gat(), Gated(mesh(False))], 2 * d + args.mesh_dim, drop),
     }[name]
     return Net(in_channels, d, classes, [block() for _ in range(args.layers)], drop)
 
@@ -166,14 +195,16 @@ def build(name: str, args, in_channels: int, classes: int) -> Net:
 # -------------------------------------------------------------------------------------- training
 
 def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, float]:
-    """Full-batch training on split ``split``, evaluated after every epoch; returns the test metric at
-    the best validation metric (first best), the epochs run, the run time and the share of the
-    training steps' time spent building meshes."""
+    """Full-batch training on split ``split``, evaluated every ``eval_every`` epochs; returns the test
+    metric at the best validation metric (first best), the epochs run, the run time, the mean time of
+    a training step after the first (which pays one-off costs such as compiling), the share of the
+    training steps' time spent building meshes and the final value of every mesh gate."""
     train, val, test = (getattr(data, f"{part}_mask")[:, split] for part in ("train", "val", "test"))
     score = (lambda out, mask: roc_auc(out[mask, 1] - out[mask, 0], data.y[mask])) if metric == "roc_auc" else \
         (lambda out, mask: (out[mask].argmax(-1) == data.y[mask]).float().mean().item())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    best_val, test_at_best, best_epoch, train_time, epoch = -1.0, 0.0, 0, 0.0, 0
+    best_val, test_at_best, best_epoch, train_time, first_step, epoch = -1.0, 0.0, 0, 0.0, 0.0, 0
+    sync = torch.cuda.synchronize if data.x.is_cuda else (lambda: None)  # honest step times on a GPU
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         step_start = time.perf_counter()
@@ -181,7 +212,10 @@ def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, floa
         opt.zero_grad()
         F.cross_entropy(model(data.x, data.edge_index)[train], data.y[train]).backward()
         opt.step()
+        sync()
         train_time += time.perf_counter() - step_start
+        if epoch == 1:
+            first_step = train_time
         if epoch % args.eval_every and epoch < args.epochs:
             continue
         model.eval()
@@ -192,8 +226,10 @@ def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, floa
         if epoch - best_epoch >= args.patience:
             break
     mesh_time = sum(getattr(m, "mesh_time", 0.0) for m in model.modules())
-    return dict(test=test_at_best, val=best_val, best_epoch=best_epoch, epochs=epoch,
-                time=time.perf_counter() - start, epoch_time=train_time / epoch, mesh_share=mesh_time / train_time)
+    gates = [m.gate.item() for m in model.modules() if isinstance(m, Gated)]
+    return dict(test=test_at_best, val=best_val, best_epoch=best_epoch, epochs=epoch, time=time.perf_counter() - start,
+                epoch_time=(train_time - first_step) / (epoch - 1) if epoch > 1 else train_time,
+                mesh_share=mesh_time / train_time, gates=gates, device=str(data.x.device))
 
 
 def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
@@ -201,19 +237,21 @@ def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
     return dict(test=statistics.mean(tests), test_std=statistics.pstdev(tests), splits=len(runs),
                 time=statistics.mean(r["time"] for r in runs), epochs=statistics.mean(r["epochs"] for r in runs),
                 epoch_time=statistics.mean(r["epoch_time"] for r in runs),
-                mesh_share=statistics.mean(r["mesh_share"] for r in runs))
+                mesh_share=statistics.mean(r["mesh_share"] for r in runs),
+                gate=statistics.mean(abs(g) for r in runs for g in r.get("gates", [])) if runs[0].get("gates") else None,
+                late_best=sum(r["best_epoch"] > 0.9 * r["settings"]["epochs"] for r in runs))
 
 
 def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     p.add_argument("--splits", nargs="+", type=int, default=list(range(10)), help="which of the 10 given splits")
     p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
     p.add_argument("--data-dir", help="folder holding heterophilous/*/raw (default: $TMT_DATA_DIR or ../shared/data)")
     p.add_argument("--cache-dir", help="writable copy of the datasets (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
     p.add_argument("--out", default="runs/heterophily", help="one JSON per finished (dataset, model, split)")
-    p.add_argument("--hidden", type=int, default=32, help="width of every model (the paper: 512)")
+    p.add_argument("--hidden", type=int, default=64, help="width of every model (the paper: 512)")
     p.add_argument("--layers", type=int, default=2, help="residual blocks")
     p.add_argument("--heads", type=int, default=4, help="attention heads (GAT, GPS, mesh)")
     p.add_argument("--dropout", type=float, default=0.2)
@@ -223,44 +261,56 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the paper: 1)")
     p.add_argument("--k", type=int, default=8, help="mesh neighbours per node")
     p.add_argument("--mesh-dim", type=int, default=4, help="dimension of the learned projection the mesh is searched on")
+    p.add_argument("--mesh-backend", choices=("auto", "dense", "cluster"), default="auto",
+                   help="DynamicMesh's search (auto: torch-cluster's KD-tree for the low-dimensional projection)")
+    p.add_argument("--mesh-block", type=int, default=256, help="query rows per block of the dense search")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.hidden, args.epochs, args.splits = 16, 5, args.splits[:1]
+    # what shapes a result (the device and the mesh backend do not: both searches are exact); names the cache files
     settings = {key: getattr(args, key) for key in ("quick", "hidden", "layers", "heads", "dropout", "lr", "epochs",
                                                     "patience", "eval_every", "k", "mesh_dim")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
     results: Dict[str, Dict[str, Dict]] = {}
     for dataset in args.datasets:
         data = load(dataset, args.data_dir, args.cache_dir)
         if args.quick:
             data = first_nodes(data, 600)
+        data = data.to(args.device)
         classes, metric = int(data.y.max()) + 1, DATASETS[dataset]
         results[dataset] = {}
         for name in args.models:
             runs = []
             for split in args.splits:
-                path = Path(args.out) / dataset / name / f"split{split}.json"
-                cached = json.loads(path.read_text()) if path.exists() else None
-                if cached is None or cached["settings"] != settings:
+                path = Path(args.out) / dataset / name / f"split{split}-{digest}.json"
+                if path.exists():
+                    cached = json.loads(path.read_text())
+                else:
                     torch.manual_seed(split)
-                    cached = dict(settings=settings, **fit(build(name, args, data.num_features, classes), data, split, metric, args))
+                    model = build(name, args, data.num_features, classes).to(args.device)
+                    cached = dict(settings=settings, mesh_backend=args.mesh_backend,
+                                  **fit(model, data, split, metric, args))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(cached, indent=1))
                 runs.append(cached)
             results[dataset][name] = summarize(runs)
         summary = dict(argv=argv if argv is not None else sys.argv[1:], settings=settings, splits=args.splits,
                        results=results[dataset])
-        (Path(args.out) / dataset / "summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(args.out) / dataset / f"summary-{digest}.json").write_text(json.dumps(summary, indent=1))
         print(f"\n{dataset}: {data.num_nodes:,} nodes, {data.num_edges:,} directed edges, {data.num_features:,} features, "
-              f"{classes} classes; test {metric} at the best validation epoch; {torch.get_num_threads()} thread(s)")
+              f"{classes} classes; test {metric} at the best validation epoch; settings {digest}; "
+              f"{torch.get_num_threads()} thread(s)")
         print(markdown_table(
-            ["model", f"test {metric} (mean ± std, %)", "splits", "epochs run", "s / run", "s / training epoch",
-             "mesh build / training epoch"],
+            ["model", f"test {metric} (mean ± std, %)", "splits", "epochs run", "best epoch > 90 % of max", "s / run",
+             "s / training epoch", "mesh build / training epoch", "|mesh gate|"],
             [(name, f"{100 * r['test']:.2f} ± {100 * r['test_std']:.2f}", r["splits"], f"{r['epochs']:.0f}",
-              f"{r['time']:.1f}", f"{r['epoch_time']:.3f}", f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-")
+              f"{r['late_best']} of {r['splits']}", f"{r['time']:.1f}", f"{r['epoch_time']:.3f}",
+              f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-", "-" if r["gate"] is None else f"{r['gate']:.3f}")
              for name, r in results[dataset].items()]))
     return results
 
