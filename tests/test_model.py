@@ -119,3 +119,24 @@ def test_search_heads_picks_the_heads_the_mesh_compares():
         TMTConfig(n_heads=4, d_model=32, search_heads=5)
     with pytest.raises(ValueError, match="search_heads"):
         TMTConfig(mesh_similarity="state", search_heads=1)
+
+
+def test_layer_dropout_skips_whole_sequences_in_training_only():
+    """With layer dropout a training forward lets some sequences pass a layer unchanged (never layer 0),
+    scales the others' update by 1 / (1 - p); evaluation is the model without it."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (64, 12))
+    plain, dropped = make_model(use_exit=False), make_model(use_exit=False, layer_dropout=0.9)
+    dropped.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(dropped(ids).logits, plain(ids).logits)
+    dropped.train()
+    out = dropped(ids, output_hidden_states=True)
+    N = ids.numel()
+    for layer, (h_in, h_out) in enumerate(zip(out.hidden_states[:-1], out.hidden_states[1:])):
+        same = (h_in[:N] == h_out[:N]).all(1).view(64, 12)
+        assert torch.equal(same.all(1), same.any(1))  # a sequence skips as a whole
+        skipped = same.all(1).float().mean()
+        p = 0.9 * layer / (SMALL["n_layers"] - 1)
+        assert (skipped == 0) if layer == 0 else abs(skipped - p) < 0.2, (layer, skipped)
+    with pytest.raises(ValueError, match="layer_dropout"):
+        TMTConfig(layer_dropout=1.0)

@@ -80,6 +80,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dual-stream", dest="dual_stream", action=bool_flag, default=d.dual_stream, help="dual-stream FFN (--no-dual-stream: plain MLP)")
     g.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=d.exit_loss_weight,
                    help="weight of the early-exit LM loss (every earlier layer predicts through the shared head)")
+    g.add_argument("--layer-dropout", dest="layer_dropout", type=float, default=d.layer_dropout,
+                   help="LayerSkip layer dropout: a sequence skips layer l with probability p * l / (L - 1) in training")
     g.add_argument("--gate-detach", dest="gate_detach", action=bool_flag, default=d.gate_detach,
                    help="gates read detached states, so their loss does not train the trunk")
     g.add_argument("--rope", action=bool_flag, default=d.rope, help="rotary positions (--no-rope: learned absolute positions)")
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation batches of the evaluations during training and of calibration (the final one uses all)")
     p.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=0.5,
                    help="TMT's early-exit LM loss weight (the study's recipe)")
+    p.add_argument("--layer-dropout", dest="layer_dropout", type=float, default=0.0,
+                   help="TMT's LayerSkip layer dropout (the rate of the last layer)")
     p.add_argument("--tolerance", type=float, default=0.02, help="loss rise allowed by the exit calibration")
     p.add_argument("--prompt", default=None, help="prompt of the samples (default: 'ROMEO:' for Tiny Shakespeare, else none)")
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=200, help="tokens sampled from each model")

@@ -23,7 +23,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     common = dict(vocab_size=len(tok), d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                   max_seq_len=args.seq_len, dropout=0.0)
     tmt = TMTConfig(**common, graph_k=args.graph_k, mesh_window=args.mesh_window, memory_anchors=args.memory_anchors,
-                    exit_loss_weight=args.exit_loss_weight)
+                    exit_loss_weight=args.exit_loss_weight, layer_dropout=args.layer_dropout)
     vanilla = match_parameters(TMTConfig.vanilla(**common), count_parameters(tmt))
     print(f"demo: TMT vs a plain transformer (fused SDPA) on {args.dataset} ({data['train'][0].numel():,} train tokens, "
           f"vocab {len(tok)}), {torch.get_num_threads()} CPU threads")

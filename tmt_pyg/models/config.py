@@ -48,6 +48,8 @@ class TMTConfig:
     gate_detach: bool = True  # gates read detached states: their objective trains the gates only, not the trunk
     exit_loss_weight: float = 0.0  # weight of the early-exit LM loss: every earlier layer's next-token loss
     # through the shared head, layer l weighted by l (CALM), so that early states can predict
+    layer_dropout: float = 0.0  # LayerSkip's layer dropout (training only): a sequence skips layer l with probability
+    # layer_dropout * l / (n_layers - 1) (rising with depth, never layer 0); a kept layer's update is scaled by 1 / (1 - p)
     exit_in_training: bool = False  # also freeze exited tokens in training mode
     anchor_momentum: float = 0.99  # EMA momentum beta of the anchor state
 
@@ -86,6 +88,7 @@ class TMTConfig:
         need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
         need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")
+        need(0.0 <= self.layer_dropout < 1.0, f"layer_dropout must lie in [0, 1), got {self.layer_dropout}")
         need(self.exit_loss_weight >= 0, f"exit_loss_weight must be >= 0, got {self.exit_loss_weight}")
         need(self.gate_loss_weight >= 0, f"gate_loss_weight must be >= 0, got {self.gate_loss_weight}")
         need(self.gate_loss in GATE_LOSSES, f"gate_loss must be one of {GATE_LOSSES}, got {self.gate_loss!r}")

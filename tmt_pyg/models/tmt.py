@@ -158,7 +158,7 @@ class TMTModel(nn.Module):
             hidden.append(h)
             step = block(h, exited, ctx, self.mesh, self.anchors, freeze, return_attention_weights,
                          update_anchors=layer == 0 and self.training)
-            h, exited, mesh = step.h, step.exited, step.mesh
+            h, exited, mesh = self._layer_dropout(h, step.h, layer, tok_batch, B), step.exited, step.mesh
             rows.append(step.rows)
             flops += step.flops
             if return_attention_weights:
@@ -205,6 +205,17 @@ class TMTModel(nn.Module):
         if isinstance(tokens, Tensor):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
+
+    def _layer_dropout(self, h_in: Tensor, h_out: Tensor, layer: int, tok_batch: Tensor, num_graphs: int) -> Tensor:
+        """LayerSkip's layer dropout on the token rows of ``h_out`` (N + R, D), the layer's output for
+        ``h_in``: in training every sequence skips the layer with probability p = layer_dropout * l / (L - 1)
+        and keeps its update scaled by 1 / (1 - p) otherwise; anchor rows always keep theirs."""
+        L, N = self.config.n_layers, tok_batch.numel()
+        p = self.config.layer_dropout * layer / max(L - 1, 1)
+        if not self.training or p == 0:
+            return h_out
+        keep = (torch.rand(num_graphs, device=h_in.device) >= p).to(h_out.dtype).div(1 - p)[tok_batch].unsqueeze(1)
+        return torch.cat([h_in[:N] + (h_out[:N] - h_in[:N]) * keep, h_out[N:]])
 
     def _gate_loss(self, confidences: List[Tensor], states: List[Tensor], sample: Optional[Tensor], logits: Tensor) -> Tensor:
         """Gate objective over the tokens whose gates ran (NaN confidence: exited before), masked

@@ -1,0 +1,43 @@
+"""The gated mesh channel of the node-classification example starts closed: a GATMesh computes what the
+GAT it extends computes, the loss has a gradient on the gate, and the gated nets run in quick mode."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def example():
+    spec = importlib.util.spec_from_file_location("node_classification", ROOT / "examples" / "node_classification.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_closed_gate_is_the_gat(example):
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 12), torch.randint(0, 3, (40,))
+    edge_index = torch.randint(0, 40, (2, 120))
+    torch.manual_seed(1)
+    gat = example.GAT(12, 16, 3, heads=4).eval()
+    torch.manual_seed(1)
+    gat_mesh = example.GATMesh(12, 16, 3, heads=4, k=4).eval()  # the GAT part built first: the same weights
+    out = gat_mesh(x, edge_index)
+    assert torch.equal(out, gat(x, edge_index))
+    torch.nn.functional.cross_entropy(out, y).backward()
+    assert gat_mesh.mesh.gate.grad.abs() > 0
+
+
+def test_gated_nets_quick(example, data_dir, tmp_path):
+    results = example.main(["--quick", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path),
+                            "--models", "mesh_gate", "gat_mesh", "gat"])
+    assert len(results) == 3
+    for label, r in results.items():
+        assert 0.0 <= r["test_acc"] <= 1.0, (label, r)
+        if "gated" in label:  # 10 Adam steps (lr 0.005) from 0
+            assert 0 < abs(r["gate"]) <= 10 * 0.005 + 1e-6 and 0 < r["mesh_share"] < 1, (label, r)
+        else:
+            assert r["gate"] is None and r["mesh_share"] == 0, (label, r)
