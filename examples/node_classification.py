@@ -5,6 +5,10 @@ dense multi-head attention, and MeshGPSConv with mesh attention).
 The mesh (``DynamicMesh(causal=False)``) links every node to the ``k`` nodes whose learned class
 scores (a linear map of the hidden state, 7 dimensions on Cora instead of the raw 1,433) are most
 similar to its own, so it can connect nodes of the same class that the citation graph does not.
+Two more mesh nets keep the mesh a channel of its own that can only add to the graph net, times a learned
+scalar gate that starts at 0 (closed: the net is exactly the graph net): ``mesh_gate`` (a GAT-shaped
+net of MeshAttentionConvs + the gated mesh on its class scores) and ``gat_mesh`` (PyG's GAT + the gated
+mesh).
 Baselines run at their papers' settings (GCN: 2 layers, 16 hidden, dropout 0.5, lr 0.01; GAT: 8
 heads x 8, dropout 0.6, lr 0.005; weight decay 5e-4); every model trains 200 epochs and reports the
 test accuracy at its best validation accuracy, mean ± std over seeds.
@@ -13,7 +17,7 @@ Cora is read from ``../shared/data/planetoid`` (copied to ``~/.cache/tmt_pyg`` o
 ``--cache-dir`` says) and downloaded by PyG when no local copy exists. ``--dataset sbm`` runs the
 generated stochastic block model instead.
 
-    python examples/node_classification.py                     # Cora, 10 seeds: mesh net, GCN, GAT
+    python examples/node_classification.py                     # Cora, 10 seeds: mesh nets, GCN, GAT
     python examples/node_classification.py --models gps mesh_gps --seeds 1 --epochs 100   # graph transformers
     python examples/node_classification.py --dataset sbm       # generated SBM graph
     python examples/node_classification.py --quick             # tiny slice (tests)
@@ -100,6 +104,50 @@ class MeshNet(nn.Module):
         return self.conv2(h, edges) + scores
 
 
+class GatedMesh(nn.Module):
+    """The mesh as a channel that can only add to a graph net: ``scores + gate * read``, where ``read`` is
+    a one-head MeshAttentionConv from the node states ``h`` (N, hidden) over the ``k``-NN mesh of the
+    graph net's class scores ``scores`` (N, classes), and ``gate`` a learned scalar that starts at 0.
+    Closed, the net is exactly the graph net; training opens it as far as the loss asks. ``mesh_time``:
+    seconds spent building meshes in training mode."""
+
+    def __init__(self, hidden: int, classes: int, k: int, dropout: float):
+        super().__init__()
+        self.mesh = DynamicMesh(k, causal=False)
+        self.conv = MeshAttentionConv(hidden, classes, heads=1, dropout=dropout, decay=False)
+        self.gate, self.mesh_time = nn.Parameter(torch.zeros(())), 0.0
+
+    def forward(self, h: Tensor, scores: Tensor) -> Tensor:
+        start = time.perf_counter()
+        slots = self.mesh.slots(scores)  # (N, k + 1): the k nodes scored most alike, and the node itself
+        if self.training:
+            self.mesh_time += time.perf_counter() - start
+        key, value = self.conv.project_key_value(h, None)
+        read, _ = self.conv.attend_slots(self.conv.project_query(h, None), key, value, slots.index, slots.valid, (None, None))
+        return scores + self.gate * read
+
+
+class GatedMeshNet(nn.Module):
+    """Dropout -> linear projection to ``hidden`` -> ELU -> MeshAttentionConv (``heads`` x ``hidden / heads``)
+    -> ELU -> dropout -> one-head MeshAttentionConv to class scores, both over the graph's edges with self
+    loops (a GAT-shaped net of our attention), plus :class:`GatedMesh` on its scores."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, heads: int = 8, k: int = 8,
+                 dropout: float = 0.6):
+        super().__init__()
+        self.lin = nn.Linear(in_channels, hidden)
+        self.conv1 = MeshAttentionConv(hidden, hidden // heads, heads=heads, dropout=dropout, decay=False)
+        self.conv2 = MeshAttentionConv(hidden, out_channels, heads=1, dropout=dropout, decay=False)
+        self.mesh, self.dropout = GatedMesh(hidden, out_channels, k, dropout), dropout
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        edge_index = add_self_loops(edge_index, num_nodes=x.size(0))[0]
+        h = F.elu(self.lin(F.dropout(x, self.dropout, self.training)))  # (N, hidden)
+        h = F.elu(self.conv1(F.dropout(h, self.dropout, self.training), edge_index))
+        h = F.dropout(h, self.dropout, self.training)
+        return self.mesh(h, self.conv2(h, edge_index))
+
+
 class GCN(nn.Module):
     """Kipf & Welling (2017): GCNConv -> ReLU -> GCNConv, dropout before each."""
 
@@ -124,6 +172,21 @@ class GAT(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         h = F.elu(self.conv1(F.dropout(x, self.dropout, self.training), edge_index))
         return self.conv2(F.dropout(h, self.dropout, self.training), edge_index)
+
+
+class GATMesh(GAT):
+    """:class:`GAT` plus :class:`GatedMesh` on its class scores: the mesh added to a PyG net, starting as
+    that net (built first, so a seed gives the GAT part the plain GAT's initial weights)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, heads: int = 8, k: int = 8,
+                 dropout: float = 0.6):
+        super().__init__(in_channels, hidden, out_channels, heads, dropout)
+        self.mesh = GatedMesh(hidden, out_channels, k, dropout)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = F.elu(self.conv1(F.dropout(x, self.dropout, self.training), edge_index))
+        h = F.dropout(h, self.dropout, self.training)
+        return self.mesh(h, self.conv2(h, edge_index))
 
 
 class GraphTransformer(nn.Module):
@@ -157,8 +220,12 @@ def builders(args, in_channels: int, classes: int) -> Dict[str, tuple]:
     return {
         "mesh": (f"MeshAttentionConv (graph ∪ {args.k}-NN mesh of class scores)",
                  lambda: MeshNet(in_channels, args.hidden, classes, k=args.k), args.lr),
+        "mesh_gate": (f"MeshAttentionConv graph net + gated {args.k}-NN mesh channel",
+                      lambda: GatedMeshNet(in_channels, args.hidden, classes, k=args.k), args.lr),
         "gcn": ("GCNConv", lambda: GCN(in_channels, 16 if cora else args.hidden, classes), 0.01),
         "gat": ("GATConv", lambda: GAT(in_channels, 64 if cora else args.hidden, classes), 0.005),
+        "gat_mesh": (f"GATConv + gated {args.k}-NN mesh channel",
+                     lambda: GATMesh(in_channels, 64 if cora else args.hidden, classes, k=args.k), 0.005),
         "gps": ("GPSConv (multihead, dense)", lambda: GraphTransformer(in_channels, args.hidden, classes), args.lr),
         "mesh_gps": (f"MeshGPSConv ({args.k}-NN mesh)",
                      lambda: GraphTransformer(in_channels, args.hidden, classes, mesh_k=args.k), args.lr),
@@ -188,19 +255,23 @@ def fit(model: nn.Module, data: Data, epochs: int, lr: float, weight_decay: floa
         if val > best_val:
             best_val, test_at_best = val, test
     return dict(test_acc=test_at_best, time=time.perf_counter() - start,
-                mesh_share=getattr(model, "mesh_time", 0.0) / train_time)
+                mesh_share=sum(getattr(m, "mesh_time", 0.0) for m in model.modules()) / train_time,
+                gate=next((m.gate.item() for m in model.modules() if isinstance(m, GatedMesh)), None))
 
 
 def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
     accs = [r["test_acc"] for r in runs]
+    gates = [r["gate"] for r in runs if r["gate"] is not None]
     return dict(test_acc=statistics.mean(accs), test_acc_std=statistics.pstdev(accs), seeds=len(runs),
-                time=statistics.mean(r["time"] for r in runs), mesh_share=statistics.mean(r["mesh_share"] for r in runs))
+                time=statistics.mean(r["time"] for r in runs), mesh_share=statistics.mean(r["mesh_share"] for r in runs),
+                gate=statistics.mean(gates) if gates else None, test_accs=accs)
 
 
 def main(argv=None) -> Dict[str, Dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("cora", "sbm"), default="cora")
-    p.add_argument("--models", nargs="+", choices=("mesh", "gcn", "gat", "gps", "mesh_gps"), default=["mesh", "gcn", "gat"],
+    p.add_argument("--models", nargs="+", choices=("mesh", "mesh_gate", "gcn", "gat", "gat_mesh", "gps", "mesh_gps"),
+                   default=["mesh", "mesh_gate", "gcn", "gat", "gat_mesh"],
                    help="gps, mesh_gps: the graph transformers (dense GPSConv takes minutes per run on Cora on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
     p.add_argument("--data-dir", help="folder holding planetoid/Cora/raw (default: $TMT_DATA_DIR or ../shared/data)")
@@ -246,9 +317,11 @@ def main(argv=None) -> Dict[str, Dict]:
     print(f"\n{args.dataset}: {data.num_nodes:,} nodes, {data.num_edges:,} edges, {data.num_features:,} features, "
           f"{classes} classes; train/val/test {int(data.train_mask.sum())}/{int(data.val_mask.sum())}/"
           f"{int(data.test_mask.sum())}; {args.epochs} epochs, {torch.get_num_threads()} thread(s)")
-    print(markdown_table(["model", "test acc (mean ± std)", "seeds", "time / run", "mesh build / training epoch"],
+    print(markdown_table(["model", "test acc (mean ± std)", "seeds", "time / run", "mesh build / training epoch",
+                          "mesh gate (mean at the end)"],
                          [(name, f"{100 * r['test_acc']:.1f} ± {100 * r['test_acc_std']:.1f} %", r["seeds"],
-                           f"{r['time']:.1f} s", f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-")
+                           f"{r['time']:.1f} s", f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-",
+                           "-" if r["gate"] is None else f"{r['gate']:.3f}")
                           for name, r in results.items()]))
     return results
 
