@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import base_parser, finish, markdown_table, new_figure, setup, time_interleaved
 from tmt_pyg import TMTConfig, TMTModel
 from tmt_pyg.data.corpus import load_data
-from tmt_pyg.models.speculative import speculative_generate
+from tmt_pyg.models.speculative import held_out_prompts, speculative_generate
 from tmt_pyg.train import load_run
 
 NAME = "speculative"
@@ -44,11 +44,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         model, tok, _ = load_run(args.run)
         stream = load_data(args.dataset, None, ("validation",), tok=tok)[1]["validation"][0]
     info = setup(args)
-    generator = torch.Generator().manual_seed(args.seed)
     L, rows, checks = model.config.n_layers, [], []
     for B in args.batch_sizes:
-        starts = torch.randint(0, stream.numel() - args.prompt, (B,), generator=generator)
-        idx = torch.stack([stream[s:s + args.prompt] for s in starts.tolist()])
+        idx = held_out_prompts(stream, B, args.prompt, args.seed + B)
         plain = model.generate(idx, args.new, temperature=0)
         fns = {"plain greedy": lambda: model.generate(idx, args.new, temperature=0)}
         stats = {}

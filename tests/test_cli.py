@@ -13,7 +13,7 @@ TINY_TRAIN = ["--batch-size", "4", "--seq-len", "32", "--synthetic-tokens", "409
               "--no-progress"] + TINY_MODEL
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "bench", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "draft", "bench", "demo"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -79,6 +79,17 @@ def test_train_eval_generate(tmp_path, capsys):
     assert main([*greedy, "--draft-layers", "1", "--draft-tokens", "3"]) == 0
     assert capsys.readouterr().out == plain  # self-speculative greedy decoding: the same text
 
+    with pytest.raises(SystemExit) as e:  # no drafting chosen yet: a clear error
+        main([*greedy, "--draft-layers", "auto"])
+    assert e.value.code == 2 and "tmt-pyg draft" in capsys.readouterr().err
+    assert main(["draft", str(out), "--prompt-tokens", "8", "--new-tokens", "6", "--repeats", "1", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    chosen = load_checkpoint(out)["speculative"]
+    assert "draft layers 1, draft tokens 4: acceptance" in printed and "chosen: " in printed
+    assert chosen["draft_layers"] in (None, 1) and 0 <= chosen["1,2"]["acceptance"] <= 1 and chosen["speedup"] >= 1
+    assert main([*greedy, "--draft-layers", "auto"]) == 0
+    assert capsys.readouterr().out == plain
+
 
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 1
@@ -107,6 +118,9 @@ def test_demo_tiny(tmp_path, capsys):
     assert 0 < rows["TMT"]["tau"] <= 1 and "tau" not in rows["vanilla"]
     assert all(s.startswith("k3 v9 ") and len(s.split()) == 42 for s in samples.values())  # past the 32-token context
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    assert "Self-speculative greedy decoding" in out and 0 <= rows["TMT"]["drafting"]["1,2"]["acceptance"] <= 1
+    state = load_checkpoint(tmp_path / "tmt")  # tau and the drafting kept for eval and generate
+    assert state["model_config"]["exit_threshold"] == rows["TMT"]["tau"] and state["speculative"] == rows["TMT"]["drafting"]
 
 
 def test_calibrate_stores_tau_that_eval_uses(tmp_path, capsys):

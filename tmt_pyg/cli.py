@@ -34,6 +34,11 @@ def number(kind: type, minimum, inclusive: bool = True):
     return parse
 
 
+def int_or_auto(text: str):
+    """argparse type: ``auto`` or an integer."""
+    return text if text == "auto" else int(text)
+
+
 def existing_dir(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {text}")
@@ -268,9 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
-    p.add_argument("--draft-layers", dest="draft_layers", type=int, default=None,
-                   help="self-speculative decoding: the first E layers draft, the full model verifies (same greedy output)")
+    p.add_argument("--draft-layers", dest="draft_layers", type=int_or_auto, default=None,
+                   help="self-speculative decoding: the first E layers draft, the full model verifies (same greedy output); "
+                        "auto: the drafting `tmt-pyg draft` stored in the checkpoint")
     p.add_argument("--draft-tokens", dest="draft_tokens", type=int, default=4, help="tokens drafted per round (with --draft-layers)")
+    add_runtime_args(p)
+
+    p = sub("draft", "choose the self-speculative drafting of a checkpoint on held-out prompts",
+            "Time greedy decoding of held-out prompts plainly and with every number of draft layers E (and each\n"
+            "--draft-tokens d), all variants in turn, and store the fastest in the checkpoint: `generate\n"
+            "--draft-layers auto` then uses it (plain decoding if no drafting was faster on this machine).",
+            "  tmt-pyg draft runs/demo/tmt\n"
+            "  tmt-pyg generate runs/demo/tmt --prompt 'ROMEO:' --temperature 0 --draft-layers auto",
+            checkpoint=True)
+    p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split of the prompts")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1, help="prompts decoded together")
+    p.add_argument("--prompt-tokens", dest="prompt_tokens", type=number(int, 1), default=16, help="tokens per prompt")
+    p.add_argument("--new-tokens", dest="new_tokens", type=number(int, 1), default=48,
+                   help="new tokens per prompt (at most max_seq_len - prompt tokens)")
+    p.add_argument("--draft-tokens", dest="draft_tokens", type=number(int, 1), nargs="+", default=[2, 4], help="d values to try")
+    p.add_argument("--repeats", type=number(int, 1), default=3, help="timed calls of every variant (median)")
     add_runtime_args(p)
 
     p = sub("bench", "tokens/s of a configuration (forward and training step) on random tokens",

@@ -13,6 +13,7 @@ from .bench import throughput
 from .data.corpus import checkpoint_extra, load_data, make_loader, tokenizer_from_state
 from .demo import run_demo
 from .models import TMTConfig, TMTModel
+from .models.speculative import choose_drafting, held_out_prompts
 from .train import (Trainer, TrainConfig, TrainingInterrupted, calibrate_threshold, distributed, evaluate,
                     find_checkpoint, load_checkpoint, load_run, main_process_first, resolve_device, seed_everything,
                     write_atomic)
@@ -133,10 +134,40 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    model, tok, state = load_run(args.checkpoint, resolve_device(args.device))
+    new_tokens = min(args.new_tokens, model.config.max_seq_len - args.prompt_tokens)
+    if new_tokens < 1 or model.config.n_layers < 2:
+        args.subparser.error(f"needs a model of >= 2 layers and --prompt-tokens below max_seq_len={model.config.max_seq_len}")
+    spec = state["extra"]["data"]
+    _, data = load_data(spec["dataset"], spec["data_dir"], (args.split,), tok, synthetic_tokens=spec["synthetic_tokens"])
+    prompts = held_out_prompts(data[args.split][0], args.batch_size, args.prompt_tokens, args.seed)
+    result = choose_drafting(model, prompts.to(next(model.parameters()).device), new_tokens, args.draft_tokens, args.repeats)
+    print(f"greedy decoding, {args.batch_size} x {args.prompt_tokens}-token {args.split} prompts, {new_tokens} new tokens, "
+          f"median of {args.repeats}: plain {result['plain']['tokens_per_s']:.0f} tokens/s")
+    for key, row in result.items():
+        if isinstance(row, dict) and "acceptance" in row:
+            E, d = key.split(",")
+            print(f"draft layers {E}, draft tokens {d}: acceptance {row['acceptance']:.2f} | {row['tokens_per_s']:.0f} tokens/s "
+                  f"({row['tokens_per_s'] / result['plain']['tokens_per_s']:.2f}x)")
+    state["speculative"] = result | {"split": args.split}
+    file = write_atomic(state, find_checkpoint(args.checkpoint))
+    choice = ("plain decoding (no drafting was faster)" if result["draft_layers"] is None else
+              f"draft layers {result['draft_layers']}, draft tokens {result['draft_tokens']} ({result['speedup']:.2f}x)")
+    print(f"chosen: {choice}; stored in {file} (tmt-pyg generate --draft-layers auto uses it)")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tok, _ = load_run(args.checkpoint, resolve_device(args.device))
+    model, tok, state = load_run(args.checkpoint, resolve_device(args.device))
+    draft_layers, draft_tokens = args.draft_layers, args.draft_tokens
+    if draft_layers == "auto":
+        if "speculative" not in state:
+            args.subparser.error("--draft-layers auto reads the drafting stored by `tmt-pyg draft CHECKPOINT`; run that first")
+        draft_layers, draft_tokens = state["speculative"]["draft_layers"], state["speculative"]["draft_tokens"] or draft_tokens
     room = model.config.max_seq_len - args.max_new_tokens + 1  # prompt tokens that fit before the new ones
     if room < 1:
         args.subparser.error(f"--max-new-tokens {args.max_new_tokens} exceeds the model's max_seq_len={model.config.max_seq_len}")
@@ -146,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = ids[:-len(tail)]
     idx = torch.tensor([(ids or tail)[-room:]], device=next(model.parameters()).device)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         draft_layers=args.draft_layers, draft_tokens=args.draft_tokens)
+                         draft_layers=draft_layers, draft_tokens=draft_tokens)
     print(tok.decode(out[0].tolist()))
     return 0
 

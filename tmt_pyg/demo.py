@@ -10,7 +10,9 @@ import torch
 from .data.corpus import checkpoint_extra, load_data, make_loader
 from .models import TMTConfig, TMTModel, count_parameters, match_parameters
 from .models.generation import sample_next
-from .train import Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, read_metrics, seed_everything
+from .models.speculative import choose_drafting, held_out_prompts
+from .train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, find_checkpoint, load_checkpoint,
+                    read_metrics, seed_everything, write_atomic)
 
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT's README: its CPU configuration on Tiny Shakespeare
 
@@ -53,11 +55,17 @@ def run_demo(args: argparse.Namespace) -> Path:
             row.update(eval_time_tau_s=time.perf_counter() - t0, loss_tau=at_tau["loss"], exit_rate=at_tau["exit_rate"],
                        work_fraction=at_tau["work_fraction"])
             model.config.exit_threshold = tau
+            if mcfg.n_layers > 1:
+                row["drafting"] = choose_drafting(model, held_out_prompts(data["validation"][0], 1, args.seq_len // 4, args.seed),
+                                                  args.seq_len - args.seq_len // 4)
+                store_in_checkpoint(out / name.lower(), exit_threshold=tau, speculative=row["drafting"])
         rows[name] = row
         text = args.prompt if args.prompt is not None else "ROMEO:" if args.dataset == "tinyshakespeare" else ""
         prompt = torch.tensor([tok.encode([text]).tolist()[:-1] or tok.encode([""]).tolist()])
         samples[name] = tok.decode(sample_cropped(model, prompt, args.sample_tokens, torch.Generator().manual_seed(args.seed)))
     table = demo_table(rows, args.dataset == "tinyshakespeare")
+    if "drafting" in rows.get("TMT", {}):
+        table += "\n\n" + drafting_line(rows["TMT"]["drafting"])
     text = table + "\n\n" + "\n\n".join(f"**{name}** sample:\n\n```\n{sample}\n```" for name, sample in samples.items())
     print("\n" + text)
     (out / "results.json").write_text(json.dumps({"rows": rows, "samples": samples}, indent=2))
@@ -65,6 +73,28 @@ def run_demo(args: argparse.Namespace) -> Path:
     plot_demo_curves({name: out / name.lower() / "metrics.jsonl" for name in rows}, out / "loss_curves.png")
     print(f"\nwritten: {out}/results.md, {out}/results.json, {out}/loss_curves.png")
     return out
+
+
+def store_in_checkpoint(run: Path, exit_threshold: float, speculative: dict) -> None:
+    """Keep the calibrated tau and the chosen drafting in the run's newest checkpoint (eval, generate use them)."""
+    file = find_checkpoint(run)
+    state = load_checkpoint(file)
+    state["model_config"]["exit_threshold"] = exit_threshold
+    state["speculative"] = speculative
+    write_atomic(state, file)
+
+
+def drafting_line(drafting: dict) -> str:
+    """One sentence on the self-speculative decoding chosen for the demo model."""
+    plain = drafting["plain"]["tokens_per_s"]
+    tried = {key: row for key, row in drafting.items() if isinstance(row, dict) and "acceptance" in row}
+    best = max(tried, key=lambda key: tried[key]["tokens_per_s"])
+    E, d = best.split(",")
+    return (f"Self-speculative greedy decoding (the first E layers draft d tokens, the full model verifies: the same "
+            f"text), {drafting['new_tokens']} new tokens: plain {plain:.0f} tokens/s; best drafting E={E}, d={d}: "
+            f"{tried[best]['tokens_per_s']:.0f} tokens/s ({tried[best]['tokens_per_s'] / plain:.2f}x), acceptance "
+            f"{tried[best]['acceptance']:.2f}; `generate --draft-layers auto` uses "
+            + ("plain decoding." if drafting["draft_layers"] is None else f"E={E}, d={d}."))
 
 
 @torch.no_grad()

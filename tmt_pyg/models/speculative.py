@@ -1,8 +1,10 @@
 """Self-speculative decoding: the first layers plus the shared head draft tokens, the full model
 verifies them in one extension of the cache, and the rows keep what the full model would have
 produced (LayerSkip's use of early exits; greedy output is that of plain greedy decoding)."""
+import statistics
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -108,3 +110,39 @@ def speculative_generate(model: "TMTModel", idx: TokenInput, max_new_tokens: int
         return torch.cat([idx, torch.stack(out)], 1), stats
     finally:
         model.train(was_training)
+
+
+def held_out_prompts(stream: Tensor, batch_size: int, prompt_tokens: int, seed: int = 0) -> Tensor:
+    """``batch_size`` prompts (B, prompt_tokens) cut from random places of a token ``stream`` (n,)."""
+    if stream.numel() <= prompt_tokens:
+        raise ValueError(f"a stream of {stream.numel()} tokens holds no prompt of {prompt_tokens} tokens")
+    starts = torch.randint(0, stream.numel() - prompt_tokens, (batch_size,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s:s + prompt_tokens] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def choose_drafting(model: "TMTModel", prompts: Tensor, max_new_tokens: int, draft_tokens: Sequence[int] = (2, 4),
+                    repeats: int = 3) -> Dict:
+    """Pick the self-speculative drafting of ``model`` on this machine: greedy decoding of ``prompts``
+    (B, P) timed plainly and with every ``draft_layers`` E in [1, L) and every d in ``draft_tokens``,
+    all variants called in turn ``repeats`` times (median). Returns ``{"draft_layers", "draft_tokens"}``
+    of the fastest variant (both None when plain decoding is fastest), its ``speedup`` over plain, and
+    per variant ``"E,d"``: acceptance rate and new tokens/s (``"plain"``: tokens/s)."""
+    if prompts.dim() != 2:
+        raise ValueError(f"prompts must be a (B, P) tensor, got shape {tuple(prompts.shape)}")
+    drafts = [(E, d) for E in range(1, model.config.n_layers) for d in draft_tokens]
+    acceptance = {f"{E},{d}": speculative_generate(model, prompts, max_new_tokens, E, d, temperature=0)[1].acceptance
+                  for E, d in drafts}
+    seconds: Dict[str, List[float]] = {"plain": [], **{key: [] for key in acceptance}}
+    for _ in range(repeats):
+        for key in seconds:
+            E, d = (None, 4) if key == "plain" else map(int, key.split(","))
+            start = time.perf_counter()
+            model.generate(prompts, max_new_tokens, temperature=0, draft_layers=E, draft_tokens=d)
+            seconds[key].append(time.perf_counter() - start)
+    rate = {key: prompts.size(0) * max_new_tokens / statistics.median(t) for key, t in seconds.items()}
+    best = max(rate, key=rate.get)
+    E, d = (None, None) if best == "plain" else map(int, best.split(","))
+    return {"draft_layers": E, "draft_tokens": d, "speedup": rate[best] / rate["plain"], "batch_size": prompts.size(0),
+            "new_tokens": max_new_tokens, "plain": {"tokens_per_s": rate["plain"]},
+            **{key: {"acceptance": acceptance[key], "tokens_per_s": rate[key]} for key in acceptance}}
