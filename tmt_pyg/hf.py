@@ -1,7 +1,7 @@
 """HuggingFace ``transformers`` wrappers: ``TMTHFConfig`` and ``TMTForCausalLM`` (``save_pretrained``,
 ``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as ``past_key_values``."""
 from dataclasses import asdict, fields
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
