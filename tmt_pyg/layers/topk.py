@@ -17,20 +17,24 @@ def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int, recency: Optional[
     C = sim.size(-1)
     kk = min(k, C)
     sim = sim.float() if allowed is None else sim.float().masked_fill(~allowed, float("-inf"))
-    values, index = sim.topk(kk, dim=-1)
+    # one more than k: where the (k+1)-th value is below the k-th, topk cut no tie at the k-th value
+    values, index = sim.topk(min(k + 1, C), dim=-1)
+    cut = values[..., kk:kk + 1]
+    values, index = values[..., :kk], index[..., :kk]
     kth = values[..., -1:]  # the k-th largest value of each row
     # rank by (above the k-th value, column): every entry above it, then the latest of those equal
     # to it (none when the row has fewer than k candidates); integers below 2**24 are exact in float32
     col = torch.arange(C, device=sim.device, dtype=torch.float32) if recency is None else recency.float()
     above = C if recency is None else 2 ** 23
-    tied = (sim == kth) & (kth > float("-inf"))
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or bool((tied.sum(-1) > (values == kth).sum(-1)).any()):
+    finite = kth > float("-inf")
+    at_kth = values == kth
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or bool(((cut == kth) & finite).any()):
         # the training forward (no host sync) or a tie at the k-th value that topk cut: rank every column
-        rank = torch.where(sim > kth, col + above, torch.where(tied, col, -1.0))
+        rank = torch.where(sim > kth, col + above, torch.where((sim == kth) & finite, col, -1.0))
         top, index = rank.topk(kk, dim=-1)
     else:  # every tie was taken: the same set; order it by the same rank
         taken = col.expand_as(sim).gather(-1, index)
-        rank = torch.where(values > kth, taken + above, torch.where((values == kth) & (kth > float("-inf")), taken, -1.0))
+        rank = torch.where(values > kth, taken + above, torch.where(at_kth & finite, taken, -1.0))
         top, order = rank.topk(kk, dim=-1)
         index = index.gather(-1, order)
     valid = top >= 0
