@@ -150,10 +150,11 @@ def test_anchor_rows_are_shared_and_read_only_in_causal_mode():
     assert torch.equal(out.hidden_states[-1][40:], other.hidden_states[-1][40:])
 
 
-def test_training_forward_compiles_as_one_graph():
+@pytest.mark.parametrize("options", [{}, {"layer_dropout": 0.5, "search_heads": 1, "exit_loss_weight": 0.5}])
+def test_training_forward_compiles_as_one_graph(options):
     torch.manual_seed(0)
-    model = TMTModel(TMTConfig(**{**SMALL, "max_seq_len": 64, "use_exit": True}))
-    ids = torch.randint(0, 97, (2, 48))
+    model = TMTModel(TMTConfig(**{**SMALL, "max_seq_len": 64, "use_exit": True, **options}))
+    ids = torch.randint(0, 97, (8, 48))
 
     def loss_of(m):
         torch.manual_seed(1)  # the gate objective samples tokens
