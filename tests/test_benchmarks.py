@@ -194,6 +194,6 @@ def test_speculative(tmp_path):
 
 def test_long_decode(tmp_path):
     result = run_quick(long_decode, tmp_path)
-    assert {r["model"] for r in result["rows"]} == {"vanilla", "TMT, exact search", "TMT, routed search"}
+    assert {r["model"] for r in result["rows"]} == {"vanilla", "TMT, exact search", "TMT, exact search, 1 head", "TMT, routed search"}
     assert all(finite_positive(r["tokens_per_s"], r["prefill_s"]) and r["prompt"] == 96 for r in result["rows"])
     assert result["checks"] == []  # the quick prompt carries no target
