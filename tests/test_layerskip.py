@@ -39,7 +39,7 @@ def test_layerskip_quick(tmp_path):
         assert row["greedy_checks"] == 2 * len(layerskip.DRAFT_TOKENS) * (L - 1)  # prompts x d x E, all equal
         assert math.isfinite(row["val_loss"]) and row["val_loss"] > 0
         assert set(row["head_agreement"]) == {str(E) for E in range(1, L)} and set(row["head_loss"]) == {str(E) for E in range(1, L + 1)}
-        assert all(0 <= a <= 1 for a in row["head_agreement"].values())
+        assert all(0 <= a <= 1 for a in row["head_agreement"].values()) and 0 < row["distinct_8grams"] <= 1
     for run in result["runs"]:
         assert (tmp_path / "runs" / f"{run['row']}_seed{run['seed']}" / "checkpoints").is_dir()
     again = layerskip.main(argv)  # the cache: nothing trained again, the same runs back
