@@ -49,6 +49,7 @@ ROWS = ("4L", "4L-ld", "8L", "8L-ld")
 LAYER_DROPOUT = 0.2
 DRAFT_TOKENS = (2, 4)
 SIZE = dict(d_model=128, n_heads=4, max_seq_len=64, dropout=0.0, graph_k=8, mesh_window=8, memory_anchors=16)
+MEASURES = ("val", "speculative", "early_heads", "greedy_text")  # what every cached run gets (see measure)
 SYNTHETIC_TOKENS = 400_000  # the demo's default; recorded in the checkpoints, unused for Tiny Shakespeare
 
 
@@ -135,7 +136,7 @@ def measure(result: Dict, model: TMTModel, val, data: Dict, args) -> bool:
     """Fill in the measurements ``result`` lacks (all of them after training; those added to the study
     later for a cached run), ``val`` the validation loader; whether any was missing."""
     model.config.use_exit = False  # the full model: what plain greedy decoding produces and the drafts must match
-    missing = [key for key in ("val", "speculative", "early_heads", "greedy_text") if key not in result]
+    missing = [key for key in MEASURES if key not in result]
     if "val" in missing:
         result["val"] = evaluate_at_threshold(model, val, None)
     prompts = prompts_from(data["validation"][0], args.prompts, args.prompt_tokens)
@@ -156,7 +157,7 @@ def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args) -> Dict:
     val = make_loader(*data["validation"], train, False)
     if cache.exists():
         result = json.loads(cache.read_text())
-        if measure(result, load_run(folder)[0], val, data, args):
+        if any(key not in result for key in MEASURES) and measure(result, load_run(folder)[0], val, data, args):
             print(f"[{row} seed {seed}] cached run: measured what it lacked", flush=True)
             cache.write_text(json.dumps(result, indent=1) + "\n")
         return result
@@ -255,7 +256,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         splits = {name: (stream[:20_000 if name == "train" else 4_096], fields) for name, (stream, fields) in splits.items()}
     data = dict(splits, extra=checkpoint_extra(tok, "tinyshakespeare", None, SYNTHETIC_TOKENS))
-    results = run_study(args, row_configs(len(tok), size, depths), data, run_once, ROWS)
+    configs = row_configs(len(tok), size, depths)
+    results = run_study(args, configs, data, run_once, ROWS)
+    if not args.table_only:  # every cached run, of any row and seed, gets the measures added to the study after it
+        results = [run_once(r["row"], configs[r["row"]], r["seed"], data, args) for r in results]
     rows = summarise(results)
     shakespeare = RESULTS_DIR / "shakespeare.json"
     vanilla = json.loads(shakespeare.read_text())["rows"].get("vanilla") if shakespeare.exists() else None
@@ -294,7 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               "(exits off): how often its argmax is the full model's (a draft token's chance of acceptance on real text, not on "
               "the model's own greedy text, which for these character models soon repeats a few words), and its next-token loss "
               "(last column: the full model on the same tokens).",
-              head_table]
+              head_table,
+              f"Trained runs (checkpoints, for `python -m benchmarks.speculative --run <folder>`): `{args.runs}/<row>_seed<s>/`, "
+              "each trained by `python -m benchmarks.layerskip --rows <row> --seeds <s> --threads 1`, one at a time."]
     found = notes(rows, vanilla)
     if found:
         report += ["Notes:", "\n".join(found)]
@@ -304,7 +310,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             Es = range(1, s["n_layers"])
             ax.plot(list(Es), [s["draft"][f"E{E}_d{d}"]["acceptance"] for E in Es], "o-", label=f"acceptance, d={d}")
         ax.plot(list(Es), [s["head_agreement"][str(E)] for E in Es], "k--", label="teacher-forced agreement")
-        ax.set(xlabel="draft layers E", ylabel="acceptance rate", title=f"{name} (val loss {s['val_loss']:.3f})", ylim=(0, 1))
+        ax.set(xlabel="draft layers E", ylabel="acceptance rate", title=f"{name} (val loss {s['val_loss']:.3f})", ylim=(0, 1),
+               xticks=list(Es))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return finish(NAME, args, info, report, {"rows": rows, "vanilla": vanilla, "runs": results}, fig, argv=argv)
