@@ -32,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=48, help="new tokens per row (prompt + new <= the model's max_seq_len + 1)")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--exit-threshold", type=float, default=None,
+                        help="exit threshold tau to decode with (default: the checkpoint's; 1.0: no token exits)")
     args = parser.parse_args(argv)
     if args.quick:  # an untrained model on random prompts: a smoke test of the code path
         args.prompt, args.new, args.repeats, args.batch_sizes, args.draft_tokens = 8, 8, 1, [1, 2], [2]
@@ -42,6 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         parser.error("--run is required (a trained run folder, e.g. the demo's runs/demo/tmt)")
     else:
         model, tok, _ = load_run(args.run)
+        if args.exit_threshold is not None:
+            model.config.exit_threshold = args.exit_threshold
         stream = load_data(args.dataset, None, ("validation",), tok=tok)[1]["validation"][0]
     info = setup(args)
     L, rows, checks = model.config.n_layers, [], []
@@ -67,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             checks.append({"B": B, "best": best["speedup"], "E": best["draft_layers"], "d": best["draft_tokens"],
                            "target": TARGETS[B], "holds": best["speedup"] >= TARGETS[B]})
     fmt = lambda v, f: "" if v is None else f.format(v)  # noqa: E731
-    report = [f"Model: {args.run or 'untrained (quick)'}, {L} layers, d={model.config.d_model}; prompts of {args.prompt} "
+    report = [f"Model: {args.run or 'untrained (quick)'}, {L} layers, d={model.config.d_model}, exit threshold "
+              f"{model.config.exit_threshold:g}{'' if model.config.use_exit else ' (no exit gates)'}; prompts of {args.prompt} "
               f"validation tokens, {args.new} new tokens per row, greedy (every speculative output checked equal to "
               f"plain greedy). Median of {args.repeats} whole generations, all variants called alternately.",
               markdown_table(["B", "draft layers E", "draft tokens d", "acceptance", "new tokens/s", "vs plain"],
