@@ -24,7 +24,7 @@ the fast choice on a GPU). Training: full batch, Adam, early stopping on the val
 metric at the best validation epoch; stop after ``patience`` epochs without a new best). Every
 finished (dataset, model, split) is saved as JSON under ``--out``, named by a digest of the settings
 that shape the result (width, depth, lr, epochs, k, ...), so a rerun continues where one stopped, runs
-at other settings sit beside it, and each dataset's table is ``--out/<dataset>/summary.json``.
+at other settings sit beside it, and each dataset's table is ``--out/<dataset>/summary-<digest>.json``.
 
 The datasets are read from ``../shared/data/heterophilous`` (copied to ``~/.cache/tmt_pyg`` once, or
 wherever ``--cache-dir`` says); PyG downloads Minesweeper and Tolokers when no local copy exists.

@@ -23,8 +23,11 @@ generated stochastic block model instead.
     python examples/node_classification.py --quick             # tiny slice (tests)
 """
 import argparse
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -282,6 +285,7 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--seeds", type=int, default=10, help="initialisations (and SBM graphs) to average over")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the results (per-seed accuracies included) to this file")
     sbm = p.add_argument_group("--dataset sbm")
     sbm.add_argument("--classes", type=int, default=5)
     sbm.add_argument("--per-class", type=int, default=400, help="nodes per class")
@@ -323,6 +327,8 @@ def main(argv=None) -> Dict[str, Dict]:
                            f"{r['time']:.1f} s", f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-",
                            "-" if r["gate"] is None else f"{r['gate']:.3f}")
                           for name, r in results.items()]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(argv=argv if argv is not None else sys.argv[1:], results=results), indent=1))
     return results
 
 

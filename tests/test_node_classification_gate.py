@@ -1,6 +1,7 @@
 """The gated mesh channel of the node-classification example starts closed: a GATMesh computes what the
 GAT it extends computes, the loss has a gradient on the gate, and the gated nets run in quick mode."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,8 @@ def test_closed_gate_is_the_gat(example):
 
 def test_gated_nets_quick(example, data_dir, tmp_path):
     results = example.main(["--quick", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path),
-                            "--models", "mesh_gate", "gat_mesh", "gat"])
-    assert len(results) == 3
+                            "--models", "mesh_gate", "gat_mesh", "gat", "--json", str(tmp_path / "cora.json")])
+    assert len(results) == 3 and json.loads((tmp_path / "cora.json").read_text())["results"] == results
     for label, r in results.items():
         assert 0.0 <= r["test_acc"] <= 1.0, (label, r)
         if "gated" in label:  # 10 Adam steps (lr 0.005) from 0
