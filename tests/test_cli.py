@@ -86,7 +86,7 @@ def test_train_eval_generate(tmp_path, capsys):
     printed = capsys.readouterr().out
     chosen = load_checkpoint(out)["speculative"]
     assert "draft layers 1, draft tokens 4: acceptance" in printed and "chosen: " in printed
-    assert chosen["draft_layers"] in (None, 1) and 0 <= chosen["1,2"]["acceptance"] <= 1 and chosen["speedup"] >= 1
+    assert chosen["draft_layers"] in (None, 1) and 0 <= chosen["variants"]["1,2"]["acceptance"] <= 1 and chosen["speedup"] >= 1
     assert main([*greedy, "--draft-layers", "auto"]) == 0
     assert capsys.readouterr().out == plain
 
@@ -118,7 +118,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert 0 < rows["TMT"]["tau"] <= 1 and "tau" not in rows["vanilla"]
     assert all(s.startswith("k3 v9 ") and len(s.split()) == 42 for s in samples.values())  # past the 32-token context
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
-    assert "Self-speculative greedy decoding" in out and 0 <= rows["TMT"]["drafting"]["1,2"]["acceptance"] <= 1
+    assert "Self-speculative greedy decoding" in out and 0 <= rows["TMT"]["drafting"]["variants"]["1,2"]["acceptance"] <= 1
     state = load_checkpoint(tmp_path / "tmt")  # tau and the drafting kept for eval and generate
     assert state["model_config"]["exit_threshold"] == rows["TMT"]["tau"] and state["speculative"] == rows["TMT"]["drafting"]
 

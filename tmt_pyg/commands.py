@@ -145,12 +145,11 @@ def cmd_draft(args: argparse.Namespace) -> int:
     prompts = held_out_prompts(data[args.split][0], args.batch_size, args.prompt_tokens, args.seed)
     result = choose_drafting(model, prompts.to(next(model.parameters()).device), new_tokens, args.draft_tokens, args.repeats)
     print(f"greedy decoding, {args.batch_size} x {args.prompt_tokens}-token {args.split} prompts, {new_tokens} new tokens, "
-          f"median of {args.repeats}: plain {result['plain']['tokens_per_s']:.0f} tokens/s")
-    for key, row in result.items():
-        if isinstance(row, dict) and "acceptance" in row:
-            E, d = key.split(",")
-            print(f"draft layers {E}, draft tokens {d}: acceptance {row['acceptance']:.2f} | {row['tokens_per_s']:.0f} tokens/s "
-                  f"({row['tokens_per_s'] / result['plain']['tokens_per_s']:.2f}x)")
+          f"median of {args.repeats}: plain {result['tokens_per_s']:.0f} tokens/s")
+    for key, row in result["variants"].items():
+        E, d = key.split(",")
+        print(f"draft layers {E}, draft tokens {d}: acceptance {row['acceptance']:.2f} | {row['tokens_per_s']:.0f} tokens/s "
+              f"({row['tokens_per_s'] / result['tokens_per_s']:.2f}x)")
     state["speculative"] = result | {"split": args.split}
     file = write_atomic(state, find_checkpoint(args.checkpoint))
     choice = ("plain decoding (no drafting was faster)" if result["draft_layers"] is None else

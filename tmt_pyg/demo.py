@@ -86,8 +86,7 @@ def store_in_checkpoint(run: Path, exit_threshold: float, speculative: dict) -> 
 
 def drafting_line(drafting: dict) -> str:
     """One sentence on the self-speculative decoding chosen for the demo model."""
-    plain = drafting["plain"]["tokens_per_s"]
-    tried = {key: row for key, row in drafting.items() if isinstance(row, dict) and "acceptance" in row}
+    plain, tried = drafting["tokens_per_s"], drafting["variants"]
     best = max(tried, key=lambda key: tried[key]["tokens_per_s"])
     E, d = best.split(",")
     return (f"Self-speculative greedy decoding (the first E layers draft d tokens, the full model verifies: the same "

@@ -126,8 +126,8 @@ def choose_drafting(model: "TMTModel", prompts: Tensor, max_new_tokens: int, dra
     """Pick the self-speculative drafting of ``model`` on this machine: greedy decoding of ``prompts``
     (B, P) timed plainly and with every ``draft_layers`` E in [1, L) and every d in ``draft_tokens``,
     all variants called in turn ``repeats`` times (median). Returns ``{"draft_layers", "draft_tokens"}``
-    of the fastest variant (both None when plain decoding is fastest), its ``speedup`` over plain, and
-    per variant ``"E,d"``: acceptance rate and new tokens/s (``"plain"``: tokens/s)."""
+    of the fastest variant (both None when plain decoding is fastest), its ``speedup`` over plain, plain
+    decoding's ``tokens_per_s`` and ``variants``: per ``"E,d"`` the acceptance rate and new tokens/s."""
     if prompts.dim() != 2:
         raise ValueError(f"prompts must be a (B, P) tensor, got shape {tuple(prompts.shape)}")
     drafts = [(E, d) for E in range(1, model.config.n_layers) for d in draft_tokens]
@@ -144,5 +144,5 @@ def choose_drafting(model: "TMTModel", prompts: Tensor, max_new_tokens: int, dra
     best = max(rate, key=rate.get)
     E, d = (None, None) if best == "plain" else map(int, best.split(","))
     return {"draft_layers": E, "draft_tokens": d, "speedup": rate[best] / rate["plain"], "batch_size": prompts.size(0),
-            "new_tokens": max_new_tokens, "plain": {"tokens_per_s": rate["plain"]},
-            **{key: {"acceptance": acceptance[key], "tokens_per_s": rate[key]} for key in acceptance}}
+            "new_tokens": max_new_tokens, "tokens_per_s": rate["plain"],
+            "variants": {key: {"acceptance": acceptance[key], "tokens_per_s": rate[key]} for key in acceptance}}
