@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # compile per model configuration; tests/test_fused_slots.py checks the compiled op against it
 os.environ.setdefault("TMT_PYG_COMPILE", "0")
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA_DIR = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -22,3 +24,11 @@ def data_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def load_example(name: str):
+    """The module of ``examples/<name>.py`` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,18 +1,9 @@
 """Every example and the WikiText benchmark runs end to end in quick mode, so none can rot."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 @pytest.mark.parametrize("name, argv", [
@@ -23,7 +14,7 @@ def load(path: Path):
 ])
 def test_example_quick(name, argv, data_dir, tmp_path):
     """Real datasets come from the shared raw files, copied into a fresh cache (as a user's first run)."""
-    results = load(ROOT / "examples" / f"{name}.py").main(
+    results = load_example(name).main(
         ["--quick", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path)] + argv)
     assert len(results) >= 2  # TMT and at least one baseline, side by side
     for model, metrics in results.items():
@@ -36,7 +27,7 @@ def test_example_quick(name, argv, data_dir, tmp_path):
 
 
 def test_wikitext_lm_quick(data_dir, tmp_path):
-    result = load(ROOT / "examples" / "wikitext_lm.py").main(
+    result = load_example("wikitext_lm").main(
         ["--quick", "--data-dir", str(data_dir / "wikitext-2"), "--out", str(tmp_path), "--prompt", "the game"])
     assert math.isfinite(result["ppl"]) and result["targets"] > 1000 and 0 < result["work_fraction"] <= 1
     assert result["sample"].startswith("the game") and len(result["sample"].split()) == 2 + 20

@@ -1,22 +1,17 @@
 """The heterophily example runs end to end in quick mode on the three shared datasets, a rerun continues
 from its cached per-split results, and a gated mesh channel starts closed (the net is then the plain graph
 net) and is opened by training."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_example
 
 
 @pytest.fixture
 def heterophily():
-    spec = importlib.util.spec_from_file_location("heterophily", ROOT / "examples" / "heterophily.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("heterophily")
 
 
 def test_heterophily_quick(heterophily, data_dir, tmp_path, capsys):

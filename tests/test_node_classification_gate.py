@@ -1,21 +1,16 @@
 """The gated mesh channel of the node-classification example starts closed: a GATMesh computes what the
 GAT it extends computes, the loss has a gradient on the gate, and the gated nets run in quick mode."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_example
 
 
 @pytest.fixture
 def example():
-    spec = importlib.util.spec_from_file_location("node_classification", ROOT / "examples" / "node_classification.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("node_classification")
 
 
 def test_closed_gate_is_the_gat(example):
