@@ -54,6 +54,15 @@ class LayerOutput(NamedTuple):
     rows: int  # token rows computed
 
 
+class Attended(NamedTuple):
+    """What one attention path returns."""
+    out: Tensor  # (A + R, D) output of the active tokens, then the anchor rows
+    attention: Optional[Tuple[Tensor, Tensor]]  # (edge_index (2, E), alpha (E, H)), mesh paths only
+    mesh: Optional[MeshSlots]  # this layer's mesh (None: dense)
+    pairs: int  # attention (query, key) pairs computed
+    search_pairs: int  # kNN candidate pairs scored by the mesh search
+
+
 def head_units(heads: Tensor, num_heads: int = 0) -> Tensor:
     """Queries or keys (n, H, C) -> (n, h * C), the first ``h = num_heads`` heads (0: all H) each
     L2-normalised: what the attention-similarity mesh compares (the cosine of two rows is the mean
@@ -123,17 +132,16 @@ class TMTLayer(nn.Module):
         """The layer on states ``h`` (N + R, D) of tokens, then anchor rows; tokens marked ``exited``
         (N,) are frozen when ``freeze``: no query, FFN or gate for them, their state unchanged."""
         cfg, N = self.config, ctx.pos.numel()
-        all_tokens = torch.arange(N, device=h.device)
-        active_tokens = (~exited).nonzero().view(-1) if freeze else all_tokens
+        active_tokens = (~exited).nonzero().view(-1) if freeze else torch.arange(N, device=h.device)
         all_active = active_tokens.numel() == N
-        attn, alpha, slots, edges, pairs = self.attend(h, active_tokens, ctx, mesh, anchors, with_weights, update_anchors)
+        att = self.attend(h, active_tokens, ctx, mesh, anchors, with_weights, update_anchors)
         if all_active:
-            h_active = h = self.residual(h, attn)
+            h_active = h = self.residual(h, att.out)
         else:
             active = torch.cat([active_tokens, ctx.anchor_nodes])
-            h_active = self.residual(h[active], attn)
+            h_active = self.residual(h[active], att.out)
             h = h.index_copy(0, active, h_active)  # exited rows keep their frozen state bit for bit
-        flops = layer_flops(cfg, h.size(0), active_tokens.numel() + ctx.anchor_nodes.numel(), edges, pairs)
+        flops = layer_flops(cfg, h.size(0), active_tokens.numel() + ctx.anchor_nodes.numel(), att.pairs, att.search_pairs)
         conf_all = None
         if self.exit_gate is not None:
             gate_in = h_active[:active_tokens.numel()]
@@ -142,65 +150,96 @@ class TMTLayer(nn.Module):
             if freeze:
                 exited = exited.clone()
                 exited[active_tokens] |= conf.detach() > cfg.exit_threshold
-        return LayerOutput(h, exited, conf_all, alpha, slots, flops, active_tokens.numel())
+        return LayerOutput(h, exited, conf_all, att.attention, att.mesh, flops, active_tokens.numel())
 
     def attend(self, h: Tensor, active_tokens: Tensor, ctx: LayerInput, mesh_search: Optional[DynamicMesh],
-               anchors: Optional[MemoryAnchors], with_weights: bool, update_anchors: bool = False
-               ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]], Optional[MeshSlots], int, int]:
-        """Attention output of the active rows (active tokens, then every anchor row): the mesh is
-        built from the states ``h`` (N + R, D), attention reads their layer-normed form. Returns the
-        output (A + R, D), the attention as edges ``(edge_index (2, E), alpha (E, H))``
-        (``with_weights`` and a mesh only), the mesh, and the numbers of attention pairs and of
-        kNN pairs scored (for the FLOP count). ``update_anchors``: take the anchors' EMA step from
-        this layer's query and anchor keys (causal layer 0 in training)."""
-        cfg, conv, N, R = self.config, self.attn, ctx.pos.numel(), ctx.anchor_nodes.numel()
+               anchors: Optional[MemoryAnchors], with_weights: bool, update_anchors: bool = False) -> Attended:
+        """Attention output of the active rows (active tokens, then every anchor row) by one of four
+        paths: causal or bidirectional, over the mesh (built from the states ``h`` (N + R, D)) or dense.
+        Attention reads the layer-normed states. ``with_weights``: also the attention as PyG edges (mesh
+        paths). ``update_anchors``: the anchors' EMA step from this layer's queries (causal layer 0 in training)."""
         x = self.ln_attn(h)
-        A = active_tokens.numel()
-        all_active = A == N
-        target = None if all_active else active_tokens
-        if mesh_search is None:
-            mesh_pairs = 0
-        elif mesh_search.search == "routed":
-            mesh_pairs = mesh_search.routed_pairs(A, ctx.seq_len or int(ctx.pos.max()) + 1)
+        if self.config.causal:
+            path = self.causal_dense if mesh_search is None else self.causal_slots
         else:
-            mesh_pairs = ctx.candidate_pairs(active_tokens, cfg.causal)
-        if cfg.causal:  # every token reads the same M anchor rows; an anchor row reads only itself
-            pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
-            key, value = conv.project_key_value(x, ctx.node_pos)  # (N + M, H, C)
-            query = conv.project_query(x[:N] if all_active else x[active_tokens], pos_q)
-            mesh = None
-            if mesh_search is not None and cfg.mesh_similarity == "state":
-                mesh = mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
-            elif mesh_search is not None:  # queries search the keys; the search reads query rows by node id
-                query_x = head_units(query, cfg.search_heads)
-                if not all_active:
-                    query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
-                mesh = mesh_search.slots(head_units(key[:N], cfg.search_heads), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
-            memory = (key[N:], value[N:]) if R else None
-            if update_anchors and R:  # layer 0 sees every token: its queries are the EMA's
-                anchor_ema_step(anchors, h[:N], query, key[N:])
-            if mesh is not None:  # fast path: fixed-degree slots, anchors as one dense block in the same softmax
-                out, alpha = conv.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
-                pairs, alpha = A * (mesh.index.size(1) + R) + R, slot_edges(mesh, alpha, ctx.anchor_nodes, anchors) if with_weights else None
-            else:
-                out = dense_causal_attention(conv, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
-                                             active_tokens, ctx.seq_len, memory)
-                pairs, alpha = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R, None
-            if R:
-                weight = F.dropout(value.new_ones(R, conv.heads, 1), p=conv.dropout, training=conv.training)
-                out = torch.cat([out, conv.combine_heads(value[N:] * weight)])
-            return out, alpha, mesh, pairs, mesh_pairs
+            path = self.bidirectional_dense if mesh_search is None else self.bidirectional_edges
+        return path(h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors)
+
+    def causal_projections(self, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: LayerInput,
+                           anchors: Optional[MemoryAnchors], update_anchors: bool):
+        """Keys and values of every row (N + M, H, C), queries of the active tokens (A, H, C) and their
+        positions; the anchors' EMA step when asked (layer 0 sees every token: its queries are the EMA's)."""
+        N, R = ctx.pos.numel(), ctx.anchor_nodes.numel()
+        all_active = active_tokens.numel() == N
+        pos_q = ctx.pos if all_active else ctx.pos[active_tokens]
+        key, value = self.attn.project_key_value(x, ctx.node_pos)
+        query = self.attn.project_query(x[:N] if all_active else x[active_tokens], pos_q)
+        if update_anchors and R:
+            anchor_ema_step(anchors, h[:N], query, key[N:])
+        return query, key, value, pos_q
+
+    def with_anchor_rows(self, out: Tensor, value: Tensor, N: int) -> Tensor:
+        """Append the causal anchor rows' output (each reads only itself: its value, weight 1) to ``out`` (A, D)."""
+        if value.size(0) == N:
+            return out
+        conv = self.attn
+        weight = F.dropout(value.new_ones(value.size(0) - N, conv.heads, 1), p=conv.dropout, training=conv.training)
+        return torch.cat([out, conv.combine_heads(value[N:] * weight)])
+
+    def search_pairs(self, mesh_search: DynamicMesh, active_tokens: Tensor, ctx: LayerInput) -> int:
+        """kNN candidate pairs the mesh search scores for the active tokens."""
+        if mesh_search.search == "routed":
+            return mesh_search.routed_pairs(active_tokens.numel(), ctx.seq_len or int(ctx.pos.max()) + 1)
+        return ctx.candidate_pairs(active_tokens, self.config.causal)
+
+    def causal_slots(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """The fast path: every active token attends to its fixed-degree mesh slots (k neighbours, the
+        window, itself) and the M anchor rows in one softmax (the fused slot op)."""
+        cfg, N, A, R = self.config, ctx.pos.numel(), active_tokens.numel(), ctx.anchor_nodes.numel()
+        search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
+        target = None if A == N else active_tokens
+        query, key, value, pos_q = self.causal_projections(h, x, active_tokens, ctx, anchors, update_anchors)
+        if cfg.mesh_similarity == "state":
+            mesh = mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
+        else:  # queries search the keys; the search reads query rows by node id
+            query_x = head_units(query, cfg.search_heads)
+            if A != N:
+                query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
+            mesh = mesh_search.slots(head_units(key[:N], cfg.search_heads), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
+        memory = (key[N:], value[N:]) if R else None
+        out, alpha = self.attn.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
+        attention = slot_edges(mesh, alpha, ctx.anchor_nodes, anchors) if with_weights else None
+        return Attended(self.with_anchor_rows(out, value, N), attention, mesh, A * (mesh.index.size(1) + R) + R, search_pairs)
+
+    def causal_dense(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """No mesh: every active token attends to all earlier tokens of its sequence and the anchor rows."""
+        N, A, R = ctx.pos.numel(), active_tokens.numel(), ctx.anchor_nodes.numel()
+        query, key, value, _ = self.causal_projections(h, x, active_tokens, ctx, anchors, update_anchors)
+        memory = (key[N:], value[N:]) if R else None
+        out = dense_causal_attention(self.attn, query, key[:N], value[:N], ctx.pos, ctx.tok_batch, ctx.num_graphs,
+                                     active_tokens, ctx.seq_len, memory)
+        pairs = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R
+        return Attended(self.with_anchor_rows(out, value, N), None, None, pairs, 0)
+
+    def bidirectional_edges(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """Bidirectional mesh: ``MeshAttentionConv`` message passing over the kNN edges plus the anchor edges."""
+        N, A = ctx.pos.numel(), active_tokens.numel()
+        search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
         active = torch.cat([active_tokens, ctx.anchor_nodes])
-        mesh = None if mesh_search is None else mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
-        if mesh is None:
-            key, value = conv.project_key_value(x, ctx.node_pos)
-            node_batch = ctx.node_batch()
-            out = dense_attention(conv, conv.project_query(x[active], ctx.node_pos[active]), key, value,
-                                  (ctx.node_pos, ctx.node_pos[active]), (node_batch, node_batch[active]), ctx.num_graphs, False)
-            return out, None, None, (A + R) * (N + R), 0
+        mesh = mesh_search.slots(h[:N], ctx.tok_batch, None if A == N else active_tokens, ctx.seq_len)
         edge_global, edge_index = self.layer_edges(mesh.edges()[0], h.size(0), ctx, active_tokens, active, anchors)
-        out, (_, alpha) = conv((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
-        return out, (edge_global, alpha), mesh, edge_index.size(1), mesh_pairs
+        out, (_, alpha) = self.attn((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
+        return Attended(out, (edge_global, alpha), mesh, edge_index.size(1), search_pairs)
+
+    def bidirectional_dense(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """No mesh, bidirectional: every active row attends to every row of its graph (anchors included)."""
+        conv, A, R = self.attn, active_tokens.numel(), ctx.anchor_nodes.numel()
+        active = torch.cat([active_tokens, ctx.anchor_nodes])
+        key, value = conv.project_key_value(x, ctx.node_pos)
+        node_batch = ctx.node_batch()
+        out = dense_attention(conv, conv.project_query(x[active], ctx.node_pos[active]), key, value,
+                              (ctx.node_pos, ctx.node_pos[active]), (node_batch, node_batch[active]), ctx.num_graphs, False)
+        return Attended(out, None, None, (A + R) * (ctx.pos.numel() + R), 0)
 
     def layer_edges(self, mesh_edges: Tensor, num_nodes: int, ctx: LayerInput, active_tokens: Tensor, active: Tensor,
                     anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:

@@ -46,6 +46,36 @@ class TMTOutput:
         return None if self.mesh is None else self.mesh.edges()
 
 
+class LayerTrace:
+    """What one forward records layer by layer: the exit masks and inputs before each layer; after it the
+    rows and FLOPs it computed, its attention, the gate confidences, the sampled states the gate
+    objective scores (``sample``: token ids), with ``early`` the states the early-exit loss reads and with
+    ``attention`` the layers' attention weights."""
+
+    def __init__(self, num_tokens: int, sample: Optional[Tensor], early: bool, attention: bool):
+        self.N, self.sample, self.keep_early, self.keep_attention = num_tokens, sample, early, attention
+        self.exit_masks, self.hidden, self.rows, self.attentions = [], [], [], []
+        self.confidences, self.gate_states, self.early = [], [], []
+        self.flops = 0.0
+
+    def before(self, h: Tensor, exited: Tensor) -> None:
+        self.exit_masks.append(exited)
+        self.hidden.append(h)
+
+    def after(self, step, h: Tensor, last: bool) -> None:
+        """Record layer output ``step`` (a ``LayerOutput``) and the states ``h`` (N + R, D) after it."""
+        self.rows.append(step.rows)
+        self.flops += step.flops
+        if self.keep_attention:
+            self.attentions.append(step.attention)
+        if self.keep_early and not last:
+            self.early.append(h[:self.N])
+        if step.confidence is not None:
+            self.confidences.append(step.confidence)
+            if self.sample is not None:
+                self.gate_states.append(h.detach().index_select(0, self.sample))
+
+
 class TMTModel(nn.Module):
     """TemporalMesh Transformer: embeddings, ``n_layers`` TMT blocks with the mesh rebuilt from
     the current states before each, final LayerNorm, LM head tied to the embedding.
@@ -133,78 +163,76 @@ class TMTModel(nn.Module):
         h = self.wte(ids) * self.embed_scale
         if self.wpe is not None:
             h = h + self.wpe(pos)
-        h = self.drop(h)
-        # anchor rows after the tokens: M rows every token reads (causal, read-only), or M per graph
-        # (bidirectional, where anchors also read the tokens of their graph)
-        copies = 1 if cfg.causal else B
-        R = 0 if self.anchors is None else copies * self.anchors.num_anchors
-        anchor_nodes = torch.arange(N, N + R, device=dev)
-        node_pos = torch.cat([pos, pos.new_full((R,), -1)])
-        if self.anchors is not None:
-            h = torch.cat([h, self.anchors.expand(copies).to(h.dtype)])
-            if self.training and not cfg.causal:  # causal: from layer 0's own query and anchor keys (TMTLayer.attend)
-                conv, x0, M = self.blocks[0].attn, self.blocks[0].ln_attn(h), self.anchors.num_anchors
-                anchor_ema_step(self.anchors, h[:N], conv.project_query(x0[:N], pos),
-                                conv.project_key_value(x0[N:N + M], node_pos[N:N + M])[0])
+        h, anchor_nodes, node_pos = self._with_anchor_rows(self.drop(h), pos, B)
         ctx = LayerInput(pos, node_pos, tok_batch, anchor_nodes, B, seq_len)
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
-        exit_masks, confidences, attentions, rows, states, hidden, early = [], [], [], [], [], [], []
-        mesh, flops = None, 0.0
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
+        trace = LayerTrace(N, sample, early=compute_loss and cfg.exit_loss_weight > 0, attention=return_attention_weights)
         for layer, block in enumerate(self.blocks):
-            exit_masks.append(exited)
-            hidden.append(h)
+            trace.before(h, exited)
             step = block(h, exited, ctx, self.mesh, self.anchors, freeze, return_attention_weights,
                          update_anchors=layer == 0 and self.training)
-            h, exited, mesh = self._layer_dropout(h, step.h, layer, tok_batch, B), step.exited, step.mesh
-            rows.append(step.rows)
-            flops += step.flops
-            if return_attention_weights:
-                attentions.append(step.attention)
-            if compute_loss and cfg.exit_loss_weight > 0 and layer < cfg.n_layers - 1:
-                early.append(h[:N])
-            if step.confidence is not None:
-                confidences.append(step.confidence)
-                if sample is not None:
-                    states.append(h.detach().index_select(0, sample))
+            h, exited = self._layer_dropout(h, step.h, layer, tok_batch, B), step.exited
+            trace.after(step, h, last=layer == cfg.n_layers - 1)
         # NaN weights or an overflow: an error, not NaN logits (training leaves this to the loss
         # checks of the trainer, so that the training forward makes no host sync)
         if not self.training and not bool(torch.isfinite(h[:N]).all()):
             raise ValueError("non-finite hidden states (NaN or Inf) after the last layer")
         logits = self.lm_head(h[:N])
-        L = cfg.n_layers
-        exit_mask_t = torch.stack(exit_masks)
+        exit_masks, L = torch.stack(trace.exit_masks), cfg.n_layers
         out = TMTOutput(
             logits=logits,
-            exit_masks=exit_mask_t,
-            confidences=torch.stack(confidences) if confidences else None,
-            mesh=mesh,
+            exit_masks=exit_masks,
+            confidences=torch.stack(trace.confidences) if trace.confidences else None,
+            mesh=step.mesh,
             memory_state=self.anchors.anchor_state if self.anchors is not None else None,
             decay_scalars=torch.stack([b.attn.decay.decay_scalars for b in self.blocks]) if cfg.use_decay else None,
-            attentions=attentions if return_attention_weights else None,
-            rows_processed=torch.tensor(rows),
-            work_fraction=torch.tensor(sum(rows) / (L * N)),
+            attentions=trace.attentions if return_attention_weights else None,
+            rows_processed=torch.tensor(trace.rows),
+            work_fraction=torch.tensor(sum(trace.rows) / (L * N)),
             exit_rate=exited.float().mean(),
-            avg_exit_layer=(L - exit_mask_t.sum(0).float()).mean(),
-            flops=flops,
-            hidden_states=hidden + [h] if output_hidden_states else None,
+            avg_exit_layer=(L - exit_masks.sum(0).float()).mean(),
+            flops=trace.flops,
+            hidden_states=trace.hidden + [h] if output_hidden_states else None,
         )
         if compute_loss:
-            # row i predicts token i + 1 of the same sequence; no slicing of the (N, V) logits, whose
-            # backward would materialise another (N, V) tensor
-            has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
-            if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool(has_next.any())):
-                raise ValueError("no next-token targets: every sequence has length 1")
-            target = torch.where(has_next, ids.roll(-1), -100)
-            out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
-            out.gate_loss = self._gate_loss(confidences, states, sample, logits)
-            out.exit_loss = self._exit_loss(early, target) if early else logits.new_zeros(())
-            out.loss = out.lm_loss + cfg.exit_loss_weight * out.exit_loss + cfg.gate_loss_weight * out.gate_loss
+            self._add_losses(out, ids, tok_batch, seq_len, trace)
         if isinstance(tokens, Tensor):
             out.logits = logits.view(tokens.size(0), tokens.size(1), -1)
         return out
+
+    def _with_anchor_rows(self, h: Tensor, pos: Tensor, num_graphs: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Token states (N, D) followed by the anchor rows: M rows every token reads (causal, read-only), or
+        M per graph (bidirectional, where anchors also read the tokens of their graph). Returns the states
+        (N + R, D), the anchor rows' node ids (R,) and every row's position (N + R,) (-1: timeless). A
+        bidirectional model takes the anchors' EMA step here in training (a causal one in layer 0)."""
+        N, copies = h.size(0), 1 if self.config.causal else num_graphs
+        R = 0 if self.anchors is None else copies * self.anchors.num_anchors
+        anchor_nodes = torch.arange(N, N + R, device=h.device)
+        node_pos = torch.cat([pos, pos.new_full((R,), -1)])
+        if self.anchors is not None:
+            h = torch.cat([h, self.anchors.expand(copies).to(h.dtype)])
+            if self.training and not self.config.causal:
+                conv, x0, M = self.blocks[0].attn, self.blocks[0].ln_attn(h), self.anchors.num_anchors
+                anchor_ema_step(self.anchors, h[:N], conv.project_query(x0[:N], pos),
+                                conv.project_key_value(x0[N:N + M], node_pos[N:N + M])[0])
+        return h, anchor_nodes, node_pos
+
+    def _add_losses(self, out: TMTOutput, ids: Tensor, tok_batch: Tensor, seq_len: Optional[int], trace: "LayerTrace") -> None:
+        """Set the LM, gate and early-exit losses of ``out`` and their weighted sum. Row i predicts token
+        i + 1 of the same sequence; the (N, V) logits are not sliced (the backward of a slice would
+        materialise another (N, V) tensor)."""
+        cfg, logits = self.config, out.logits
+        has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
+        if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool(has_next.any())):
+            raise ValueError("no next-token targets: every sequence has length 1")
+        target = torch.where(has_next, ids.roll(-1), -100)
+        out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
+        out.gate_loss = self._gate_loss(trace.confidences, trace.gate_states, trace.sample, logits)
+        out.exit_loss = self._exit_loss(trace.early, target) if trace.early else logits.new_zeros(())
+        out.loss = out.lm_loss + cfg.exit_loss_weight * out.exit_loss + cfg.gate_loss_weight * out.gate_loss
 
     def _layer_dropout(self, h_in: Tensor, h_out: Tensor, layer: int, tok_batch: Tensor, num_graphs: int) -> Tensor:
         """LayerSkip's layer dropout on the token rows of ``h_out`` (N + R, D), the layer's output for
