@@ -3,7 +3,7 @@ states of its layer, exactly as in a full forward over the whole sequence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,13 +11,31 @@ from torch import Tensor, nn
 
 from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
-from ..layers.mesh import top_slots, window_slots
+from ..layers.mesh import DynamicMesh, top_slots, window_slots
 from ..layers.rotary import apply_rotary
 from ..layers.routed_search import as_blocks, block_summaries, routed_knn
+from .config import TMTConfig
 from .layer import head_units
 
-if TYPE_CHECKING:  # the model imports this module; this one needs the model's name only
-    from .tmt import TMTModel
+
+class Decoder(Protocol):
+    """What decoding reads of a :class:`~tmt_pyg.models.TMTModel` (a structural type: the model's
+    module imports this one, so this one does not import it)."""
+    config: TMTConfig
+    mesh: Optional[DynamicMesh]
+    blocks: nn.ModuleList
+    wte: nn.Embedding
+    wpe: Optional[nn.Embedding]
+    embed_scale: float
+    training: bool
+
+    def __call__(self, tokens, output_hidden_states: bool = False): ...
+
+    def lm_head(self, h: Tensor) -> Tensor: ...
+
+    def eval(self): ...
+
+    def train(self, mode: bool = True): ...
 
 
 class Step(NamedTuple):
@@ -52,7 +70,7 @@ class TMTCache:
     The projection weights are packed once here: do not change the model while decoding with a cache.
     """
 
-    def __init__(self, model: TMTModel, prompts: TokenInput, capacity: Optional[int] = None):
+    def __init__(self, model: Decoder, prompts: TokenInput, capacity: Optional[int] = None):
         cfg = model.config
         if not cfg.causal:
             raise ValueError("incremental decoding needs a causal model (config.causal=True)")
@@ -89,7 +107,7 @@ class TMTCache:
         self.source_pos = self.positions.repeat(B)  # position of every cache row
         self.rotation = rotation_table(block.attn, self.positions) if cfg.rope else None
 
-    def step(self, model: TMTModel, n: int) -> Step:
+    def step(self, model: Decoder, n: int) -> Step:
         """The :class:`Step` of ``n`` new tokens per row, built once for all layers."""
         B, cap = len(self.host_lengths), self.capacity
         end = max(self.host_lengths) + n
@@ -130,7 +148,7 @@ def rotation_table(conv: MeshAttentionConv, positions: Tensor) -> Tuple[Tensor, 
     return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
-def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
+def mesh_unit(model: Decoder, state: Tensor, heads: Tensor) -> Tensor:
     """Rows the mesh compares, ranked as :meth:`DynamicMesh.slots` ranks them: the unit states (n, D),
     or for the attention-similarity mesh the queries/keys ``heads`` (n, H, C) with every head a unit
     vector, the first ``search_heads`` heads (their products are that many times the cosines the full
@@ -139,7 +157,7 @@ def mesh_unit(model: TMTModel, state: Tensor, heads: Tensor) -> Tensor:
     return F.normalize(state, dim=-1) if cfg.mesh_similarity == "state" else head_units(heads, cfg.search_heads)
 
 
-def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], pos: Tensor,
+def cached_neighbours(model: Decoder, unit: Tensor, query_unit: Tensor, row: Optional[Tensor], pos: Tensor,
                       allowed: Tensor, summary: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The mesh search of new tokens against their rows' caches: the ``k`` most similar allowed
     positions of each query's row (the routed search: among its routed blocks). ``unit``
@@ -160,13 +178,13 @@ def cached_neighbours(model: TMTModel, unit: Tensor, query_unit: Tensor, row: Op
     return top_slots(sim, allowed, model.mesh.k)
 
 
-def fused_attention(model: TMTModel, layer: LayerCache) -> bool:
+def fused_attention(model: Decoder, layer: LayerCache) -> bool:
     """Whether the layer's attention is plain softmax attention over the cache (no mesh, decay or
     anchors), which fused ``scaled_dot_product_attention`` computes while no token has exited."""
     return model.mesh is None and model.blocks[0].attn.decay is None and layer.memory is None
 
 
-def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor, step: Step,
+def decode_layer(model: Decoder, block: nn.Module, layer: LayerCache, h: Tensor, step: Step,
                  active: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """One layer of a decoding step: cache the new tokens' states, keys and values; the ``active``
     ones (None: all) search, attend and run the block. Returns the states (T, D) and which active
@@ -210,7 +228,7 @@ def decode_layer(model: TMTModel, block: nn.Module, layer: LayerCache, h: Tensor
 
 
 @torch.no_grad()
-def extend(model: TMTModel, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
+def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
     """Run ``ids`` (B, n), the next ``n`` tokens of every cached row; update ``cache``; return logits (B, n, V).
     ``num_layers``: only the first layers, their output through the final norm and head (a draft;
     the later layers' caches are left behind for the full model to rewrite).
@@ -269,7 +287,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     return torch.multinomial(probs.view(-1, probs.size(-1)), 1, generator=generator).view(probs.shape[:-1] + (1,))
 
 
-def check_generate_args(model: TMTModel, idx: TokenInput, max_new_tokens: int) -> Tuple[TokenInput, bool, int]:
+def check_generate_args(model: Decoder, idx: TokenInput, max_new_tokens: int) -> Tuple[TokenInput, bool, int]:
     """The prompts of ``idx`` (a (B, S) tensor or a list of 1-D prompts), whether they are a list,
     and the longest prompt's length; raises on a bad shape or a too long generation."""
     ragged = not isinstance(idx, Tensor)
@@ -283,7 +301,7 @@ def check_generate_args(model: TMTModel, idx: TokenInput, max_new_tokens: int) -
 
 
 @torch.no_grad()
-def generate(model: TMTModel, idx: TokenInput, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+def generate(model: Decoder, idx: TokenInput, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Union[Tensor, List[Tensor]]:
     """Continue every prompt by ``max_new_tokens`` sampled tokens, all rows decoded together.
 

@@ -4,16 +4,13 @@ produced (LayerSkip's use of early exits; greedy output is that of plain greedy 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..data.batching import TokenInput
-from .generation import TMTCache, check_generate_args, extend, filtered_probs
-
-if TYPE_CHECKING:
-    from .tmt import TMTModel
+from .generation import Decoder, TMTCache, check_generate_args, extend, filtered_probs, generate
 
 
 @dataclass
@@ -33,7 +30,7 @@ def choose(probs: Optional[Tensor], logits: Tensor, generator: Optional[torch.Ge
 
 
 @torch.no_grad()
-def speculative_generate(model: "TMTModel", idx: TokenInput, max_new_tokens: int, draft_layers: int, draft_tokens: int = 4,
+def speculative_generate(model: Decoder, idx: TokenInput, max_new_tokens: int, draft_layers: int, draft_tokens: int = 4,
                          temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                          generator: Optional[torch.Generator] = None) -> Tuple[Union[Tensor, List[Tensor]], SpeculativeStats]:
     """:meth:`TMTModel.generate` with ``draft_tokens`` tokens per round drafted by the first
@@ -121,7 +118,7 @@ def held_out_prompts(stream: Tensor, batch_size: int, prompt_tokens: int, seed: 
 
 
 @torch.no_grad()
-def choose_drafting(model: "TMTModel", prompts: Tensor, max_new_tokens: int, draft_tokens: Sequence[int] = (2, 4),
+def choose_drafting(model: Decoder, prompts: Tensor, max_new_tokens: int, draft_tokens: Sequence[int] = (2, 4),
                     repeats: int = 3) -> Dict:
     """Pick the self-speculative drafting of ``model`` on this machine: greedy decoding of ``prompts``
     (B, P) timed plainly and with every ``draft_layers`` E in [1, L) and every d in ``draft_tokens``,
@@ -136,9 +133,12 @@ def choose_drafting(model: "TMTModel", prompts: Tensor, max_new_tokens: int, dra
     seconds: Dict[str, List[float]] = {"plain": [], **{key: [] for key in acceptance}}
     for _ in range(repeats):
         for key in seconds:
-            E, d = (None, 4) if key == "plain" else map(int, key.split(","))
+            draft = () if key == "plain" else tuple(map(int, key.split(",")))
             start = time.perf_counter()
-            model.generate(prompts, max_new_tokens, temperature=0, draft_layers=E, draft_tokens=d)
+            if draft:
+                speculative_generate(model, prompts, max_new_tokens, *draft, temperature=0)
+            else:
+                generate(model, prompts, max_new_tokens, temperature=0)
             seconds[key].append(time.perf_counter() - start)
     rate = {key: prompts.size(0) * max_new_tokens / statistics.median(t) for key, t in seconds.items()}
     best = max(rate, key=rate.get)
