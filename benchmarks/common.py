@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from tmt_pyg.layers.mesh import import_torch_cluster
 from tmt_pyg.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -89,11 +90,8 @@ def machine_info() -> Dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_start": list(os.getloadavg()),
     }
-    try:
-        import torch_cluster
-        info["torch_cluster"] = torch_cluster.__version__
-    except ImportError:
-        info["torch_cluster"] = None
+    torch_cluster = import_torch_cluster(required=False)
+    info["torch_cluster"] = None if torch_cluster is None else torch_cluster.__version__
     return info
 
 

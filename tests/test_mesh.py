@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,26 @@ def test_cluster_chunks_cross_the_prefix_boundary():
     dense = as_set(DynamicMesh(6, backend="dense")(x, batch)[0])
     cluster = as_set(DynamicMesh(6, backend="cluster")(x, batch)[0])
     assert dense == cluster
+
+
+
+def test_without_torch_cluster(monkeypatch):
+    """Where torch-cluster is not built: the cluster backend says how to get it, ``auto`` searches dense."""
+    x, batch = random_batch([20, 15], dim=3, seed=2)
+    dense = as_set(DynamicMesh(4, causal=False, backend="dense")(x, batch)[0])
+    auto = DynamicMesh(4, causal=False)
+    assert auto.resolve_backend(3) == "cluster"
+    monkeypatch.setitem(sys.modules, "torch_cluster", None)  # `import torch_cluster` now raises ImportError
+    with pytest.raises(ImportError, match="torch-cluster is not installed: run `make setup`"):
+        DynamicMesh(4, causal=False, backend="cluster")(x, batch)
+    assert auto.resolve_backend(3) == "dense" and as_set(auto(x, batch)[0]) == dense
+
+
+def test_layers_import_without_torch_cluster():
+    code = "import sys; sys.modules['torch_cluster'] = None; import tmt_pyg; print(tmt_pyg.TMTModel(tmt_pyg.TMTConfig()).mesh)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("DynamicMesh(")
 
 
 def test_causal_mesh_ignores_the_future():

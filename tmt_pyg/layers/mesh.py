@@ -5,13 +5,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import torch_cluster
-
 from .routed_search import as_blocks, routed_knn
 from .topk import top_slots
 
 BACKENDS = ("auto", "dense", "cluster")
 SEARCHES = ("exact", "routed")
+MISSING_CLUSTER = ("torch-cluster is not installed: run `make setup` (it compiles torch-scatter and torch-cluster "
+                   "against your torch), or use backend='dense'")
+
+
+def import_torch_cluster(required: bool = True):
+    """torch-cluster, imported where a search needs it, so that the layers import without it. Missing:
+    ``None`` unless ``required``, then an ImportError that says how to install it."""
+    try:
+        import torch_cluster
+    except ImportError as e:
+        if required:
+            raise ImportError(MISSING_CLUSTER) from e
+        return None
+    return torch_cluster
 
 
 class MeshSlots(NamedTuple):
@@ -94,6 +106,7 @@ def cluster_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, que
     backend, so the result depends on the query's own sequence and past only. ``uq``: as in
     :func:`flat_knn` (causal only).
     """
+    torch_cluster = import_torch_cluster()
     Q = query.numel()
     if not causal:
         if uq is not None:
@@ -177,8 +190,10 @@ class DynamicMesh(torch.nn.Module):
         k (int): number of neighbours per node (without the self slot).
         causal (bool): causal (language model) or bidirectional mesh.
         backend (str): ``"cluster"`` (torch-cluster proposes candidates: KD-tree on CPU, brute force
-            on CUDA), ``"dense"`` (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for
-            low-dimensional bidirectional points, dense otherwise; see the README for the measurement).
+            on CUDA; an ImportError naming ``make setup`` if torch-cluster is missing), ``"dense"``
+            (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for low-dimensional
+            bidirectional points, dense otherwise or when torch-cluster is not installed: both are
+            exact, so only the speed differs; see the README for the measurement).
         block_size (int): query rows per block of the dense backend.
         window (int): previous tokens every token also reads (a local window; 0: the pure kNN mesh).
         search (str): ``"exact"`` (every earlier token is a candidate) or ``"routed"`` (causal only:
@@ -220,7 +235,8 @@ class DynamicMesh(torch.nn.Module):
     def resolve_backend(self, dim: int) -> str:
         if self.backend != "auto":
             return self.backend
-        return "cluster" if dim <= self.low_dim_threshold and not self.causal else "dense"
+        low_dim = dim <= self.low_dim_threshold and not self.causal
+        return "cluster" if low_dim and import_torch_cluster(required=False) is not None else "dense"
 
     def slots(self, x: Tensor, batch: Optional[Tensor] = None, query_index: Optional[Tensor] = None,
               seq_len: Optional[int] = None, query_x: Optional[Tensor] = None) -> MeshSlots:
