@@ -33,12 +33,12 @@ import torch
 from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 from tmt_pyg.data import SequenceLoader
 from tmt_pyg.data.corpus import load_data
+from tmt_pyg.demo import NANOGPT_VAL_LOSS
 from tmt_pyg.train import TrainConfig, Trainer, calibrate_threshold, evaluate_at_threshold, load_checkpoint
 
 from .common import base_parser, finish, markdown_table, mean_std, new_figure, run_study, seed_groups, setup
 
 NAME = "shakespeare"
-NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU configuration
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, max_seq_len=64)
 MESH = dict(mesh_similarity="attention", mesh_window=8)
 ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-mesh-1h", "tmt-exit")

@@ -139,7 +139,7 @@ def test_compiled_model_equals_eager():
     torch.manual_seed(0)
     model = TMTModel(TMTConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, graph_k=4, ffn_stream_dim=48,
                                memory_anchors=4, max_seq_len=64, dropout=0.0)).eval()
-    batch = tokens_to_batch(torch.randint(0, 50, (2, 12)))  # a Batch: see docs/pyg_and_hf.md for (B, S) tensors
+    batch = tokens_to_batch(torch.randint(0, 50, (2, 12)))  # a Batch; (B, S) tensors: README.md#mesh-compile-decoding-huggingface
     explain = torch._dynamo.explain(model)(batch)
     print(f"TMTModel: {explain.graph_count} graphs, {explain.graph_break_count} graph breaks")
     assert explain.graph_break_count > 0
