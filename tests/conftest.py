@@ -21,6 +21,13 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the invariant tests that take this fixture run their layers and models: $TMT_PYG_TEST_DEVICE
+    (default cpu; benchmarks/gpu_check.sh sets cuda). References are computed on the CPU."""
+    return torch.device(os.environ.get("TMT_PYG_TEST_DEVICE", "cpu"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -125,16 +125,16 @@ SMALL = dict(vocab_size=97, d_model=64, n_heads=4, n_layers=3, graph_k=8, ffn_st
 
 @pytest.mark.parametrize("backend,window,similarity", [("dense", 0, "state"), ("cluster", 0, "state"), ("dense", 4, "state"),
                                                        ("cluster", 4, "state"), ("dense", 4, "attention"), ("cluster", 0, "attention")])
-def test_causal_and_batch_invariant_on_every_backend(backend, window, similarity):
+def test_causal_and_batch_invariant_on_every_backend(backend, window, similarity, device):
     """The issue's case: S=300, d=64, 3 layers, eval; vocab 97 repeats tokens, so exact ties abound."""
     torch.manual_seed(0)
-    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend, mesh_window=window, mesh_similarity=similarity)).eval()
-    ids = torch.randint(0, 97, (3, 300))
+    model = TMTModel(TMTConfig(**SMALL, mesh_backend=backend, mesh_window=window, mesh_similarity=similarity)).eval().to(device)
+    ids = torch.randint(0, 97, (3, 300)).to(device)
     with torch.no_grad():
         together = model(ids).logits
         alone = model(ids[1:2]).logits
         changed = ids[1:2].clone()
-        changed[0, 200:] = torch.randint(0, 97, (100,))
+        changed[0, 200:] = torch.randint(0, 97, (100,)).to(device)
         future = model(changed).logits
         ragged = model([ids[0, :250], ids[1], ids[2, :40]]).logits
     assert torch.equal(together[1], alone[0])

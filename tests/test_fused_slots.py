@@ -57,13 +57,13 @@ def test_ragged_row_counts_do_not_compile_per_batch(compiled):
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])  # static first, then dynamic rows
 
 
-def test_model_with_the_fused_op_equals_eager(compiled):
+def test_model_with_the_fused_op_equals_eager(compiled, device):
     """Training loss and gradients of the default causal model (decay, anchors, window, exits), on a
     (B, S) batch and on a ragged Batch; eval with acting exits; the fused path's output is causal."""
     torch.manual_seed(0)
     model = TMTModel(TMTConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, graph_k=3, max_seq_len=32, dropout=0.0,
-                               memory_anchors=3, ffn_stream_dim=16, exit_threshold=0.5))
-    ids = torch.randint(0, 50, (2, 24))
+                               memory_anchors=3, ffn_stream_dim=16, exit_threshold=0.5)).to(device)
+    ids = torch.randint(0, 50, (2, 24)).to(device)
     ragged = tokens_to_batch([ids[0, :24], ids[1, :13]])
     results, start = {}, {k: v.clone() for k, v in model.state_dict().items()}
     for on in (False, True):

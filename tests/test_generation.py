@@ -12,9 +12,9 @@ DECODING = {**CONFIGS,
 
 @pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window",
                                   "attention-mesh", "vanilla-exits", "all-exit", "routed", "one-head-search"])
-def test_incremental_equals_full(name):
-    model = make_model(**DECODING[name])
-    ids = torch.randint(0, 50, (2, 30))
+def test_incremental_equals_full(name, device):
+    model = make_model(**DECODING[name]).to(device)
+    ids = torch.randint(0, 50, (2, 30)).to(device)
     out = model(ids)
     full = out.logits
     assert name not in ("exits-firing", "vanilla-exits", "all-exit") or float(out.exit_rate) > 0  # the exit path runs
@@ -28,13 +28,13 @@ def test_incremental_equals_full(name):
 
 @pytest.mark.parametrize("name", ["full", "exits-firing", "vanilla", "attention-mesh", "vanilla-exits", "routed",
                                   "one-head-search"])
-def test_prompts_of_different_lengths_decode_together(name):
+def test_prompts_of_different_lengths_decode_together(name, device):
     """Rows of a batch decode together from prompts of different lengths, one token and then two at a
     time; each row's logits equal a full forward over that row alone."""
-    model = make_model(**DECODING[name])
-    rows = [torch.randint(0, 50, (n,)) for n in (7, 12, 3)]
+    model = make_model(**DECODING[name]).to(device)
+    rows = [torch.randint(0, 50, (n,)).to(device) for n in (7, 12, 3)]
     cache = TMTCache(model, rows)
-    new = torch.randint(0, 50, (3, 6))
+    new = torch.randint(0, 50, (3, 6)).to(device)
     logits = torch.cat([extend(model, cache, new[:, t:t + 1]) for t in range(4)] + [extend(model, cache, new[:, 4:])], 1)
     assert cache.host_lengths == [13, 18, 9] == cache.lengths.tolist()
     for row, prompt in enumerate(rows):

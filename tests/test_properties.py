@@ -30,9 +30,10 @@ def positions(batch):
 @SETTINGS
 @given(lengths=lengths_st, k=st.integers(1, 8), dim=st.integers(2, 12), causal=st.booleans(), backend=backends,
        block_size=block_sizes, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), seed=seeds)
-def test_mesh_is_the_exact_top_k_of_its_own_sequence(lengths, k, dim, causal, backend, block_size, dtype, seed):
+def test_mesh_is_the_exact_top_k_of_its_own_sequence(device, lengths, k, dim, causal, backend, block_size, dtype, seed):
     x, batch = random_batch(lengths, dim, seed, dtype)
-    edge_index, edge_sim = DynamicMesh(k, causal=causal, backend=backend, block_size=block_size)(x, batch)
+    mesh = DynamicMesh(k, causal=causal, backend=backend, block_size=block_size)
+    edge_index, edge_sim = (t.cpu() for t in mesh(x.to(device), batch.to(device)))
     src, dst = edge_index
     N, idx = x.size(0), torch.arange(x.size(0))
     candidate = (batch[:, None] == batch[None, :]) & ((idx[None, :] < idx[:, None]) if causal else (idx[None, :] != idx[:, None]))
@@ -75,17 +76,17 @@ def make_conv(dim, channels, heads, decay, rotary, dtype, seed):
 @given(lengths=lengths_st, k=st.integers(1, 6), heads=st.integers(1, 4), channels=st.sampled_from([2, 4, 6]),
        decay=st.booleans(), rotary=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
        seed=seeds)
-def test_conv_equals_dense_masked_attention(lengths, k, heads, channels, decay, rotary, dtype, seed):
+def test_conv_equals_dense_masked_attention(device, lengths, k, heads, channels, decay, rotary, dtype, seed):
     dim = 8
     conv = make_conv(dim, channels, heads, decay, rotary, dtype, seed)
     x, batch = random_batch(lengths, dim, seed, dtype)
     pos = positions(batch)
     edge_index, _ = DynamicMesh(k)(x, batch)
-    out, (_, alpha) = conv(x, edge_index, pos, return_attention_weights=True)
     with torch.no_grad():  # float64 copy of the same weights
         expected = dense_reference(copy.deepcopy(conv).double(), x.double(), edge_index, pos)
+    out, (_, alpha) = conv.to(device)(*(t.to(device) for t in (x, edge_index, pos)), return_attention_weights=True)
     assert out.dtype == dtype and alpha.shape == (edge_index.size(1), heads)
-    torch.testing.assert_close(out.double(), expected, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
 
 
 layer_args = dict(lengths=st.lists(st.integers(1, 32), min_size=2, max_size=4), k=st.integers(1, 6),
@@ -93,17 +94,18 @@ layer_args = dict(lengths=st.lists(st.integers(1, 32), min_size=2, max_size=4), 
                   dtype=st.sampled_from([torch.float64, torch.float32]), seed=seeds, data=st.data())
 
 
-def two_layer_setup(lengths, k, heads, backend, block_size, dtype, seed, data):
-    """Two mesh + rotary/decayed conv layers (mesh rebuilt from the current states before each, as in a
-    TMT stack), random states of the batch, and a sequence drawn from it: (layers, x, batch, start, end)."""
-    convs = [make_conv(4 * heads, 4, heads, True, True, dtype, seed + i) for i in range(2)]
+def two_layer_setup(device, lengths, k, heads, backend, block_size, dtype, seed, data):
+    """Two mesh + rotary/decayed conv layers on ``device`` (mesh rebuilt from the current states before
+    each, as in a TMT stack), random states of the batch, and a sequence drawn from it: (layers, x,
+    batch, start, end); ``layers`` takes and returns CPU tensors."""
+    convs = [make_conv(4 * heads, 4, heads, True, True, dtype, seed + i).to(device) for i in range(2)]
     mesh = DynamicMesh(k, backend=backend, block_size=block_size)
 
     def layers(x, batch):
-        pos = positions(batch)
+        pos, x, batch = positions(batch).to(device), x.to(device), batch.to(device)
         for conv in convs:
             x = conv(x, mesh(x, batch)[0], pos)
-        return x
+        return x.cpu()
 
     x, batch = random_batch(lengths, 4 * heads, seed, dtype)
     s = data.draw(st.integers(0, len(lengths) - 1), label="sequence")
@@ -112,16 +114,16 @@ def two_layer_setup(lengths, k, heads, backend, block_size, dtype, seed, data):
 
 @SETTINGS
 @given(**layer_args)
-def test_a_sequence_alone_or_in_a_batch_gives_the_same_rows(dtype, **args):
-    layers, x, batch, a, b = two_layer_setup(dtype=dtype, **args)
+def test_a_sequence_alone_or_in_a_batch_gives_the_same_rows(device, dtype, **args):
+    layers, x, batch, a, b = two_layer_setup(device, dtype=dtype, **args)
     alone = layers(x[a:b], torch.zeros(b - a, dtype=torch.long))
     torch.testing.assert_close(layers(x, batch)[a:b], alone, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @SETTINGS
 @given(**layer_args)
-def test_later_tokens_never_change_earlier_outputs(dtype, seed, data, **args):
-    layers, x, batch, a, b = two_layer_setup(dtype=dtype, seed=seed, data=data, **args)
+def test_later_tokens_never_change_earlier_outputs(device, dtype, seed, data, **args):
+    layers, x, batch, a, b = two_layer_setup(device, dtype=dtype, seed=seed, data=data, **args)
     first = a + 1 + data.draw(st.integers(0, b - a - 1), label="position")  # perturb the tokens after it
     changed = x.clone()
     changed[first:b] = torch.randn(b - first, x.size(1), generator=torch.Generator().manual_seed(seed), dtype=dtype)
