@@ -21,8 +21,9 @@ from tmt_pyg.report import markdown_table  # noqa: F401  (re-exported for the be
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def base_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
-    """Arguments every benchmark takes: ``--quick``, ``--threads``, ``--repeats``, ``--out``, ``--seed``."""
+def base_parser(description: str, repeats: int = 5, device: bool = False) -> argparse.ArgumentParser:
+    """Arguments every benchmark takes: ``--quick``, ``--threads``, ``--repeats``, ``--out``, ``--seed``;
+    ``device``: also ``--device``, where its models and inputs run."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds; used by the tests)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (torch.set_num_threads)")
@@ -30,6 +31,8 @@ def base_parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON, markdown and PNG results")
     parser.add_argument("--seed", type=int, default=0)
+    if device:
+        parser.add_argument("--device", default="cpu", help="torch device of the models and inputs: cpu, cuda, cuda:N")
     return parser
 
 

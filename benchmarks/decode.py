@@ -32,7 +32,7 @@ def gpt2_like(cfg: TMTConfig, max_len: int) -> GPT2LMHeadModel:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
+    parser = base_parser(__doc__.split("\n\n")[0], repeats=3, device=True)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=256, help="new tokens per row")
@@ -45,14 +45,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     info = setup(args)
     max_len = args.prompt + args.new
     tmt_cfg = TMTConfig(max_seq_len=max_len, **size)
-    models = {"TMT": TMTModel(tmt_cfg).eval(),
-              "vanilla (TMT decoder)": TMTModel(TMTConfig.vanilla(max_seq_len=max_len, **size)).eval()}
-    gpt2 = gpt2_like(tmt_cfg, max_len)
+    models = {"TMT": TMTModel(tmt_cfg).eval().to(args.device),
+              "vanilla (TMT decoder)": TMTModel(TMTConfig.vanilla(max_seq_len=max_len, **size)).eval().to(args.device)}
+    gpt2 = gpt2_like(tmt_cfg, max_len).to(args.device)
     params = {**{name: m.num_parameters() for name, m in models.items()}, "GPT-2 (HF generate)": gpt2.num_parameters()}
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for B in args.batch_sizes:
-        idx = torch.randint(0, tmt_cfg.vocab_size, (B, args.prompt), generator=generator)
+        idx = torch.randint(0, tmt_cfg.vocab_size, (B, args.prompt), generator=generator).to(args.device)
         fns = {name: (lambda m=m: m.generate(idx, args.new, temperature=0)) for name, m in models.items()}
         fns["GPT-2 (HF generate)"] = lambda: gpt2.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
                                                            max_new_tokens=args.new, min_new_tokens=args.new, use_cache=True)

@@ -36,7 +36,7 @@ def forced_exits(model: TMTModel, exit_index: torch.Tensor, num_tokens: int):
 
     def first(module, inputs, output):
         assert output.shape == fixed.shape, "the first gate must see every token"
-        return fixed.to(output.dtype)
+        return fixed.to(output)  # its dtype and device
 
     def later(module, inputs, output):
         return torch.zeros_like(output)
@@ -81,7 +81,7 @@ def measure(model: TMTModel, ids: torch.Tensor, args, generator: torch.Generator
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = base_parser(__doc__.split("\n\n")[0], repeats=10)
+    parser = base_parser(__doc__.split("\n\n")[0], repeats=10, device=True)
     parser.add_argument("--seq-len", type=int, default=1024)
     args = parser.parse_args(argv)
     if args.quick:
@@ -95,10 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     variants = {"default (mesh, anchors, dual stream)": base,
                 "anchors off": replace(base, use_anchors=False)}
     generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, base.vocab_size, (1, S), generator=generator)
+    ids = torch.randint(0, base.vocab_size, (1, S), generator=generator).to(args.device)
     results, report, profiles = {}, [], {}
     for name, cfg in variants.items():
-        model = TMTModel(cfg).eval()
+        model = TMTModel(cfg).eval().to(args.device)
         results[name] = measure(model, ids, args, generator)
         if name == next(iter(variants)):  # where does the time go, without and with exits
             labels = model_labels(model)

@@ -55,9 +55,9 @@ def train_step(model: TMTModel, optimizer: torch.optim.Optimizer, ids: torch.Ten
 
 def measure(cfgs: Dict[str, TMTConfig], B: int, S: int, args, generator: torch.Generator) -> List[Dict]:
     """Rows for every model at one (B, S); the models are timed alternately."""
-    models = {name: TMTModel(replace(cfg, max_seq_len=S)) for name, cfg in cfgs.items()}
+    models = {name: TMTModel(replace(cfg, max_seq_len=S)).to(args.device) for name, cfg in cfgs.items()}
     run = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
-    ids = torch.randint(0, next(iter(cfgs.values())).vocab_size, (B, S), generator=generator)
+    ids = torch.randint(0, next(iter(cfgs.values())).vocab_size, (B, S), generator=generator).to(args.device)
     steps = {}
     for name, model in models.items():
         model.train()
@@ -80,7 +80,7 @@ def measure(cfgs: Dict[str, TMTConfig], B: int, S: int, args, generator: torch.G
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = base_parser(__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__.split("\n\n")[0], device=True)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per batch: B = max(1, tokens // S)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile of a training step")
@@ -144,9 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     profiles = {}
     if not args.no_profile:
         B = max(1, args.tokens // target_seq)
-        ids = torch.randint(0, cfgs["TMT"].vocab_size, (B, target_seq), generator=generator)
+        ids = torch.randint(0, cfgs["TMT"].vocab_size, (B, target_seq), generator=generator).to(args.device)
         for name in ("TMT", "vanilla"):
-            model = TMTModel(replace(cfgs[name], max_seq_len=target_seq)).train()
+            model = TMTModel(replace(cfgs[name], max_seq_len=target_seq)).to(args.device).train()
             profiles[name] = profile_breakdown(train_step(model, model.configure_optimizers(0.1, 1e-4), ids),
                                                model_labels(model), ranges=("forward", "backward", "optimizer"),
                                                runs=1 if args.quick else 2)
