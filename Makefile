@@ -7,8 +7,8 @@ TORCH ?= torch==2.13.0
 VENV_FLAGS ?=
 STAMP := $(VENV)/.tmt_pyg_installed
 # Recent setuptools (>= 80) compile C++ with CXXFLAGS, which replaces the interpreter's flags (-g -O3 ...):
-# without it the extensions are built with debug info, about twice the compile time. CPU-only builds.
-BUILD_EXT := DIST_EXTRA_CONFIG=$(CURDIR)/.ci/build_ext.cfg CFLAGS="-g0 -O2 -DNDEBUG" CXXFLAGS="-g0 -O2 -DNDEBUG" FORCE_ONLY_CPU=1
+# without it the extensions are built with debug info, about twice the compile time.
+BUILD_EXT := DIST_EXTRA_CONFIG=$(CURDIR)/.ci/build_ext.cfg CFLAGS="-g0 -O2 -DNDEBUG" CXXFLAGS="-g0 -O2 -DNDEBUG"
 
 .PHONY: setup demo test test-all clean
 
