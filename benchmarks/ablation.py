@@ -1,185 +1,375 @@
-"""The announcement's ablation table, measured: WikiText-2 word-level test PPL of eight models
-(vanilla, mesh, decay, exit, their pairs, full TMT) at equal parameter count and token budget.
+"""The announcement's ablation table, answered by today's model: WikiText-2 test PPL (per word) of
+vanilla, each TMT part alone, the pairs the announcement names and the full model, at equal
+parameters and tokens, on a subword vocabulary small enough that the LM head is not the model.
 
-Every row is ``TMTModel`` with switches (vanilla = all off); FFN widths are matched to the full
-TMT's parameter count with ``match_parameters``. Each finished run is cached as JSON under
-``--runs`` so an interrupted benchmark resumes, and rows can be trained in separate processes
-(``--rows``/``--seeds``) and tabled together afterwards (``--table-only``).
+Every row is the shipped ``TMTConfig`` default with the other parts switched off (vanilla: all
+off, fused SDPA), FFN width matched to the full model's parameter count. Exit rows train with the
+shipped exit recipe (the early-exit loss) and are evaluated at the threshold calibrated on the
+validation split (+2 % loss), with their exits off, along a threshold curve (counted work and
+measured evaluation time), and timed against exits off. BPE perplexities are converted to word
+level: ``exp(total NLL / words)``, words counted as WikiText's tokens (one ``<eos>`` per line).
 
-    python -m benchmarks.ablation --threads 2            # all rows (about 2.5 h on 2 CPU cores)
-    python -m benchmarks.ablation --quick                # tiny, seconds
-    python -m benchmarks.ablation --gate-detach --runs runs/ablation_detached --out docs/results/ablation_detached
+Each finished run is cached under ``--runs`` (and an unfinished one resumes from its newest
+checkpoint), so the study spans sessions; ``--table-only`` tables what is cached.
+
+    python -m benchmarks.ablation --sweep --threads 1      # lr sweep of vanilla and full on a short budget
+    python -m benchmarks.ablation --threads 1              # the study (about 12 h at one thread; resumes)
+    python -m benchmarks.ablation --table-only             # the table, the plots, the interaction
+    python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
 """
+import hashlib
 import json
+import math
+import os
 import statistics
-from dataclasses import asdict, replace
+import time
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
-from tmt_pyg.data import SequenceLoader
-from tmt_pyg.train import TrainConfig, evaluate, evaluate_at_threshold, load_checkpoint
+import torch
 
-from .common import base_parser, finish, markdown_table, mean_std, new_figure, seed_groups, setup
-from .wikitext import DEFAULT_DATA, describe, load_wikitext, train_lm
+from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
+from tmt_pyg.data import SequenceLoader, load_or_train_bpe, load_text_splits
+from tmt_pyg.train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, read_metrics,
+                           seed_everything)
+
+from .common import base_parser, finish, markdown_table, mean_std, new_figure, setup, time_interleaved
+from .wikitext import DEFAULT_DATA
 
 NAME = "ablation"
-OFF = dict(use_mesh=False, use_decay=False, use_exit=False, use_anchors=False, dual_stream=False)
-ROWS = {  # row -> switches turned on over a plain causal transformer
-    "vanilla": {},
-    "mesh": dict(use_mesh=True),
-    "decay": dict(use_decay=True),
-    "exit": dict(use_exit=True),
-    "mesh+decay": dict(use_mesh=True, use_decay=True),
-    "mesh+exit": dict(use_mesh=True, use_exit=True),
-    "decay+exit": dict(use_decay=True, use_exit=True),
-    "full": dict(use_mesh=True, use_decay=True, use_exit=True, use_anchors=True, dual_stream=True),
+PARTS = ("use_mesh", "use_decay", "use_exit", "use_anchors", "dual_stream")
+ROWS = {  # row -> parts switched on over a plain causal transformer (the announcement's rows)
+    "vanilla": (),
+    "mesh": ("use_mesh",),
+    "decay": ("use_decay",),
+    "exit": ("use_exit",),
+    "anchors": ("use_anchors",),
+    "dual stream": ("dual_stream",),
+    "mesh+decay": ("use_mesh", "use_decay"),
+    "mesh+exit": ("use_mesh", "use_exit"),
+    "decay+exit": ("use_decay", "use_exit"),
+    "full": PARTS,
 }
-CLAIMED = {"vanilla": 42.1, "full": 29.4}  # the announcement's WikiText-2 PPLs (its other rows are not public here)
+SINGLES = ("mesh", "decay", "exit", "anchors", "dual stream")
 MULTI_SEED = ("vanilla", "full")
+CLAIMED = {"vanilla": 42.1, "full": 29.4}  # the announcement's WikiText-2 PPLs (its other rows are not public)
+# Published small-model level at a similar token budget: PyTorch's word_language_model example (its README),
+# a 2-layer, 200-unit tied LSTM trained 6 epochs (12.5 M words) on WikiText-2: test PPL 110.44 (untied 117.61).
+REFERENCE = ("PyTorch's word_language_model, 2-layer 200-unit tied LSTM, 6 epochs (12.5 M words), word-level "
+             "test PPL 110.44")
+EXIT_RECIPE = dict(exit_loss_weight=0.5)  # the shipped exit recipe's early-exit loss (tau calibrated after training)
+SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.1)  # the other fields: TMTConfig's defaults
+QUICK_SIZE = dict(d_model=32, n_heads=2, n_layers=2, graph_k=4, memory_anchors=4, dropout=0.1)
+RECIPE = dict(warmup=100, beta2=0.99, weight_decay=0.1)  # min_lr = lr / 10
+SWEEP_LRS = (1e-3, 2e-3, 4e-3)
 
 
 def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfig]:
-    """Config of every row, FFN width matched to the full TMT's parameter count (within 2 %)."""
-    base = dict(vocab_size=vocab_size, max_seq_len=seq_len, **size)
-    full = TMTConfig(**base, **ROWS["full"])
-    target = count_parameters(full)
-    return {row: match_parameters(TMTConfig(**{**base, **OFF, **switches}), target) for row, switches in ROWS.items()}
+    """Config of every row: the shipped defaults with the row's parts on, the exit recipe where it has
+    exits, FFN width matched to the full model's parameter count (within 2 %)."""
+    def config(parts):
+        on = {p: p in parts for p in PARTS}
+        return TMTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **size, **on,
+                         **(EXIT_RECIPE if "use_exit" in parts else {}))
+    target = count_parameters(config(PARTS))
+    return {row: match_parameters(config(parts), target) for row, parts in ROWS.items()}
 
 
-def run_dir(runs_dir: Path, row: str, seed: int) -> Path:
-    """Folder of one run (checkpoints, metrics); its result is cached next to it as ``<folder>.json``."""
-    return runs_dir / f"{row}_seed{seed}"
+def load_corpus(data_dir: Path, vocab_size: int, cache: Path, quick: bool) -> Dict:
+    """BPE (trained on the train split, cached) ids of every split and its word count."""
+    lines = load_text_splits("wikitext-2", str(data_dir))
+    if quick:  # a few hundred lines of each split
+        lines = {split: text[:200 if split == "train" else 60] for split, text in lines.items()}
+    tok = load_or_train_bpe(lines["train"], vocab_size, cache / "tokenizers")
+    splits = {split: {"ids": tok.encode(text), "words": sum(len(line.split()) + 1 for line in text)}
+              for split, text in lines.items()}
+    return {"vocab_size": len(tok), **splits}
 
 
-def run_once(row: str, cfg: TMTConfig, seed: int, data: Dict, args, runs_dir: Path, test: SequenceLoader) -> Dict:
-    """Train one row with one seed (or read its cached result); test metrics at the config's threshold."""
-    folder = run_dir(runs_dir, row, seed)
-    cache = folder.with_suffix(".json")
-    if cache.exists():
-        return json.loads(cache.read_text())
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                        warmup=max(1, args.steps // 20), eval_every=0, out_dir=str(folder),
-                        seed=seed, device="cpu", progress=not args.quick)
-    run = train_lm(cfg, data, train, args.val_tokens)
-    result = {"row": row, "seed": seed, "params": run["model"].num_parameters(), **describe(cfg, train),
-              "train_seconds": run["train_seconds"], "train_tokens": run["tokens"], "val": run["val"],
-              "test": evaluate(run["model"], test)}
-    cache.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+def word_ppl(loss: float, split: Dict) -> float:
+    """Word-level PPL of a mean per-subword loss: total NLL over the split's words."""
+    return math.exp(min(50.0, loss * split["ids"].numel() / split["words"]))
 
 
-def add_exits_off(result: Dict, cfg: TMTConfig, runs_dir: Path, test: SequenceLoader) -> Dict:
-    """Test metrics of an exit row's trained model with its exits switched off (what the skipping
-    costs), from the run's last checkpoint; stored in the cached result."""
-    folder = run_dir(runs_dir, result["row"], result["seed"])
+def digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def identity(cfg: TMTConfig) -> Dict:
+    """The fields of ``cfg`` that differ from ``TMTConfig``'s defaults: what names a cached run, so that
+    a field added later (at a default that keeps the model) does not orphan the runs already made."""
+    defaults = {f.name: f.default for f in fields(TMTConfig)}
+    return {k: v for k, v in asdict(cfg).items() if v != defaults[k]}
+
+
+def train_config(args, lr: float, seed: int, folder: Path) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, min_lr=lr / 10,
+                       **RECIPE, eval_every=0 if args.quick else max(1, args.steps // 5), eval_batches=16, ckpt_every=max(1, args.steps // 10),
+                       keep_last=1, out_dir=str(folder), seed=seed, device="cpu", progress=not args.quick)
+
+
+def train(cfg: TMTConfig, tcfg: TrainConfig, data: Dict) -> TMTModel:
+    """Train (continuing from the run's newest checkpoint, if any) and return the model."""
+    seed_everything(tcfg.seed)
     model = TMTModel(cfg)
-    model.load_state_dict(load_checkpoint(folder)["model"])
-    result["test_exits_off"] = evaluate_at_threshold(model, test, None)
-    folder.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    loaders = (SequenceLoader(data["train"]["ids"], tcfg.seq_len, tcfg.batch_size, seed=tcfg.seed),
+               SequenceLoader(data["validation"]["ids"], tcfg.seq_len, tcfg.batch_size, shuffle=False, drop_last=False))
+    trainer = Trainer(model, *loaders, cfg=tcfg)
+    trainer.resume()
+    trainer.fit()
+    return model.eval()
+
+
+def train_seconds(folder: Path) -> float:
+    """Training wall time summed over the run's steps (across resumed sessions)."""
+    return sum(r["tokens"] / r["tok_per_s"] for r in read_metrics(folder / "metrics.jsonl") if r["split"] == "train")
+
+
+def evaluation(model: TMTModel, loader: SequenceLoader, split: Dict, threshold: Optional[float]) -> Dict:
+    out = evaluate_at_threshold(model, loader, threshold)
+    return {"loss": out["loss"], "ppl": word_ppl(out["loss"], split), "subword_ppl": out["ppl"],
+            "work_fraction": out["work_fraction"], "exit_rate": out["exit_rate"]}
+
+
+def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: int, repeats: int) -> Dict:
+    """An exit row's calibrated tau (validation, +2 %), test metrics along the calibration's
+    thresholds, and the evaluation time at each against exits off (called alternately)."""
+    calib = calibrate_threshold(model, loaders["validation"], 0.02)
+    tau = calib["threshold"] or 1.0
+    taus = sorted({p["threshold"] for p in calib["points"]} | {tau}, reverse=True)
+    timed = SequenceLoader(data["test"]["ids"][:timing_batches * loaders["test"].batch_size * loaders["test"].seq_len],
+                           loaders["test"].seq_len, loaders["test"].batch_size, shuffle=False, drop_last=False)
+    fns = {"off": lambda: evaluate_at_threshold(model, timed, None)}
+    fns.update({t: (lambda t=t: evaluate_at_threshold(model, timed, t)) for t in taus})
+    times = time_interleaved(fns, repeats)
+    curve = [{"tau": t, **evaluation(model, loaders["test"], data["test"], t),
+              "time_vs_off": times[t]["median_ms"] / times["off"]["median_ms"]} for t in taus]
+    return {"tau": tau, "at_tau": next(p for p in curve if p["tau"] == tau), "curve": curve,
+            "eval_ms_off": times["off"]["median_ms"], "timing_tokens": timed.windows.numel()}
+
+
+def run_once(row: str, cfg: TMTConfig, lr: float, seed: int, data: Dict, args, loaders: Dict,
+             final: bool = True, cached_only: bool = False) -> Optional[Dict]:
+    """Train one row with one seed, or read its cached result (``cached_only``: None when there is
+    none); evaluate it on the validation split and, for a ``final`` run, on the test split."""
+    tag = digest(identity(cfg), lr, args.steps, args.batch_size, args.seq_len, data["vocab_size"])
+    folder = args.runs / f"{row.replace(' ', '_')}_seed{seed}_{tag}"
+    cache = folder.with_suffix(".json")
+    if cache.exists() or cached_only or not claim(folder):
+        return json.loads(cache.read_text()) if cache.exists() else None
+    model = train(cfg, train_config(args, lr, seed, folder), data)
+    result = {"row": row, "seed": seed, "lr": lr, "params": model.num_parameters(), "model": asdict(cfg),
+              "identity": identity(cfg),
+              "train_tokens": args.steps * args.batch_size * args.seq_len, "train_seconds": train_seconds(folder),
+              "val": evaluation(model, loaders["validation"], data["validation"], None)}
+    if final:
+        result["test"] = evaluation(model, loaders["test"], data["test"], None)
+    if final and cfg.use_exit:
+        result["exits"] = exit_measures(model, loaders, data, args.timing_batches, args.repeats)
+    cache.write_text(json.dumps(result, indent=1) + "\n")
+    folder.with_suffix(".lock").unlink()
     return result
+
+
+def claim(folder: Path) -> bool:
+    """Take the run's lock file, so that two study processes never train the same run; False while
+    another live process holds it (a dead holder's lock is taken over)."""
+    lock = folder.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        holder = int(lock.read_text() or 0)
+        try:
+            os.kill(holder, 0)
+            return holder == os.getpid()
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return claim(folder)
+
+
+def plan(args) -> List[tuple]:
+    """(row, seed) in study order: the first seed of vanilla and full, every other row, then the repeats."""
+    first = [(row, args.seeds[0]) for row in MULTI_SEED] + [(row, args.seeds[0]) for row in ROWS if row not in MULTI_SEED]
+    repeats = [(row, seed) for seed in args.seeds[1:] for row in MULTI_SEED]
+    return [(row, seed) for row, seed in first + repeats if row in args.rows]
+
+
+def study(args, cfgs: Dict, lrs: Dict, data: Dict, loaders: Dict) -> List[Dict]:
+    """Every planned run (cached ones read back), printing the study's progress and ETA before each."""
+    results, todo = [], plan(args)
+    for i, (row, seed) in enumerate(todo):
+        per_token = statistics.mean(r["train_seconds"] / r["train_tokens"] for r in results) if results else None
+        left = len(todo) - i
+        eta = f", ETA {per_token * left * args.steps * args.batch_size * args.seq_len / 3600:.1f} h" if per_token else ""
+        if not args.quick:
+            print(f"[ablation] run {i + 1}/{len(todo)}: {row}, seed {seed}, lr {lrs[row]:g}{eta}", flush=True)
+        result = run_once(row, cfgs[row], lrs[row], seed, data, args, loaders)
+        if result is not None:  # None: another study process is training it
+            results.append(result)
+    return results
+
+
+def sweep(args, cfgs: Dict, data: Dict, loaders: Dict, cached_only: bool) -> Optional[Dict[str, Dict[float, float]]]:
+    """Validation word PPL of vanilla and full at every ``SWEEP_LRS`` on a tenth of the budget (cached;
+    ``cached_only``: None unless every sweep run is cached)."""
+    short = replace_args(args, steps=max(1, args.steps // 10), runs=args.runs / "sweep")
+    runs = {(row, lr): run_once(row, cfgs[row], lr, args.seeds[0], data, short, loaders, final=False,
+                                cached_only=cached_only) for row in MULTI_SEED for lr in SWEEP_LRS}
+    if any(r is None for r in runs.values()):
+        return None
+    return {row: {lr: runs[row, lr]["val"]["ppl"] for lr in SWEEP_LRS} for row in MULTI_SEED}
+
+
+def replace_args(args, **changes):
+    out = type(args)(**vars(args))
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
 
 
 def summarise(results: List[Dict]) -> Dict[str, Dict]:
-    """Per row: mean/std of test PPL over seeds, work fraction, exit rate, params, train time."""
+    """Per row: mean (and spread over seeds) of test PPL, exits off and at tau, work and time."""
     rows = {}
-    for row, mine in seed_groups(results, ROWS):
-        ppl = [r["test"]["ppl"] for r in mine]
-        mean, std = mean_std(ppl)
-        rows[row] = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "test_ppl": mean,
-                     "test_ppl_std": std, "test_ppls": ppl,
+    for row in ROWS:
+        mine = [r for r in results if r["row"] == row]
+        if not mine:
+            continue
+        at = [r["exits"]["at_tau"] if "exits" in r else r["test"] for r in mine]
+        ppl, std = mean_std([a["ppl"] for a in at])
+        off, off_std = mean_std([r["test"]["ppl"] for r in mine])
+        rows[row] = {"seeds": [r["seed"] for r in mine], "params": mine[0]["params"], "lr": mine[0]["lr"],
+                     "test_ppl": ppl, "test_ppl_std": std, "test_ppls": [a["ppl"] for a in at],
+                     "test_ppl_exits_off": off if "exits" in mine[0] else None, "test_ppl_exits_off_std": off_std,
+                     "test_ppls_exits_off": [r["test"]["ppl"] for r in mine],
                      "val_ppl": statistics.mean(r["val"]["ppl"] for r in mine),
-                     "test_ppl_exits_off": (statistics.mean(r["test_exits_off"]["ppl"] for r in mine)
-                                            if all("test_exits_off" in r for r in mine) else None),
-                     "work_fraction": statistics.mean(r["test"]["work_fraction"] for r in mine),
-                     "exit_rate": statistics.mean(r["test"]["exit_rate"] for r in mine),
-                     "train_seconds": statistics.mean(r["train_seconds"] for r in mine)}
+                     "tau": statistics.mean(r["exits"]["tau"] for r in mine) if "exits" in mine[0] else None,
+                     "work_fraction": statistics.mean(a["work_fraction"] for a in at),
+                     "eval_time_vs_off": (statistics.mean(r["exits"]["at_tau"]["time_vs_off"] for r in mine)
+                                          if "exits" in mine[0] else None),
+                     "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60}
     return rows
 
 
-def interaction(rows: Dict[str, Dict]) -> Optional[Dict]:
-    """Gains are PPL drops from vanilla; the interaction is the full model's gain minus the sum of
-    the single-component gains (> 0: superadditive, as the announcement claims)."""
-    if not {"vanilla", "mesh", "decay", "exit", "full"} <= set(rows):
+def interaction(rows: Dict[str, Dict], key: str = "test_ppls") -> Optional[Dict]:
+    """Gains are PPL drops from vanilla; the interaction is the full model's gain minus the sum of the
+    single parts' gains (> 0: superadditive, as the announcement claims). Its spread: the standard
+    errors of the rows' means added in quadrature (a single-seed row counts with the multi-seed rows'
+    largest per-seed spread)."""
+    if not set(SINGLES) | {"vanilla", "full"} <= set(rows):
         return None
-    gain = {row: rows["vanilla"]["test_ppl"] - rows[row]["test_ppl"] for row in rows}
-    singles = gain["mesh"] + gain["decay"] + gain["exit"]
-    return {"gains": gain, "sum_of_single_gains": singles, "full_gain": gain["full"],
-            "interaction": gain["full"] - singles}
+    mean = {r: statistics.mean(rows[r][key]) for r in rows}
+    seed_sd = max(statistics.stdev(rows[r][key]) for r in MULTI_SEED) if all(len(rows[r][key]) > 1 for r in MULTI_SEED) else 0.0
+    se = {r: (statistics.stdev(rows[r][key]) if len(rows[r][key]) > 1 else seed_sd) / math.sqrt(len(rows[r][key])) for r in rows}
+    gain = {r: mean["vanilla"] - mean[r] for r in rows}
+    singles = sum(gain[r] for r in SINGLES)
+    # vanilla enters the full gain once and every single gain once: coefficient 1 - len(SINGLES)
+    spread = math.sqrt(se["full"] ** 2 + sum(se[r] ** 2 for r in SINGLES) + ((len(SINGLES) - 1) * se["vanilla"]) ** 2)
+    return {"gains": gain, "sum_of_single_gains": singles, "full_gain": gain["full"], "interaction": gain["full"] - singles,
+            "interaction_se": spread}
+
+
+def report_table(rows: Dict[str, Dict]) -> str:
+    def pm(mean, std, fmt="{:.1f}"):
+        return fmt.format(mean) + (f" ± {std:.1f}" if std is not None else "")
+    table = [(row, CLAIMED.get(row, "—"), pm(r["test_ppl"], r["test_ppl_std"]),
+              pm(r["test_ppl_exits_off"], r["test_ppl_exits_off_std"]) if r["test_ppl_exits_off"] else "—",
+              f"{r['val_ppl']:.1f}", f"{r['params']:,}", len(r["seeds"]), f"{r['lr']:g}",
+              f"{r['tau']:.3f}" if r["tau"] else "—", f"{r['work_fraction']:.3f}",
+              f"{r['eval_time_vs_off']:.2f}x" if r["eval_time_vs_off"] else "—", f"{r['train_minutes']:.0f}")
+             for row, r in rows.items()]
+    return markdown_table(["row", "claimed PPL", "test PPL (at τ)", "test PPL, exits off", "val PPL", "params", "seeds",
+                           "lr", "τ", "work fraction", "eval time vs exits off", "train min/run"], table)
+
+
+def plot(rows: Dict, results: List[Dict]):
+    fig, (bars, work, secs) = new_figure(ncols=3, width=5.0)
+    names = list(rows)
+    bars.bar(names, [rows[n]["test_ppl"] for n in names], yerr=[rows[n]["test_ppl_std"] or 0 for n in names])
+    bars.set(ylabel="WikiText-2 test PPL per word", title="rows at equal parameters and tokens")
+    bars.tick_params(axis="x", rotation=45)
+    for i, r in enumerate(r for r in results if "exits" in r):
+        curve = r["exits"]["curve"]
+        label = f"{r['row']} s{r['seed']}"
+        work.plot([p["work_fraction"] for p in curve], [p["ppl"] for p in curve], "o-", color=f"C{i}", label=label)
+        secs.plot([p["time_vs_off"] for p in curve], [p["ppl"] for p in curve], "o-", color=f"C{i}", label=label)
+    work.set(xlabel="work fraction (layer-token rows computed)", ylabel="test PPL per word", title="one point per τ")
+    secs.set(xlabel="evaluation time / exits off (measured)", ylabel="test PPL per word", title="one point per τ")
+    for ax in (work, secs):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = base_parser(__doc__.split("\n\n")[0], repeats=1)
+    parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--runs", type=Path, default=Path("runs/ablation"), help="cache of finished runs")
+    parser.add_argument("--runs", type=Path, default=Path("runs/ablation_bpe"), help="cache of finished and unfinished runs")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1337, 2024],
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help=f"seeds of the {'/'.join(MULTI_SEED)} rows; the other rows use the first")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the train split")
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--val-tokens", type=int, default=16_384, help="validation tokens evaluated after training")
-    parser.add_argument("--test-tokens", type=int, default=0, help="test tokens evaluated (0: the whole test split)")
-    parser.add_argument("--gate-detach", action="store_true",
-                        help="exit rows with gate_detach=True (their gate objective does not train the trunk)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, nargs=2, metavar=("VANILLA", "TMT"), default=None,
+                        help="peak lr of vanilla and of every other row (default: the sweep's best, else 2e-3)")
+    parser.add_argument("--timing-batches", type=int, default=8, help="test batches of the timed evaluations")
+    parser.add_argument("--sweep", action="store_true", help=f"only the lr sweep ({SWEEP_LRS}) of vanilla and full")
     parser.add_argument("--table-only", action="store_true", help="table the cached runs, train nothing")
     args = parser.parse_args(argv)
     info = setup(args)
-    size = dict(d_model=128, n_heads=4, n_layers=4, graph_k=8, memory_anchors=16, ffn_stream_dim=256)
+    size = SIZE
     if args.quick:
-        size = dict(d_model=32, n_heads=2, n_layers=2, graph_k=4, memory_anchors=4, ffn_stream_dim=32)
-        args.steps, args.batch_size, args.seq_len, args.val_tokens, args.test_tokens = 3, 4, 32, 1024, 1024
-        args.seeds, args.runs = args.seeds[:2], args.out / "ablation_runs"
+        size, args.vocab_size, args.steps, args.batch_size, args.seq_len = QUICK_SIZE, 300, 5, 4, 32
+        args.seeds, args.runs, args.timing_batches, args.repeats = args.seeds[:2], args.out / "ablation_runs", 1, 1
     args.runs.mkdir(parents=True, exist_ok=True)
-    data = load_wikitext(args.data_dir)
-    cfgs = row_configs(size, len(data["vocab"]), args.seq_len)
-    if args.gate_detach:  # rows without exits have no gate: unchanged
-        cfgs = {row: replace(cfg, gate_detach=cfg.use_exit) for row, cfg in cfgs.items()}
-    test = SequenceLoader(data["test"][:args.test_tokens or None], args.seq_len, args.batch_size, shuffle=False, drop_last=False)
+    data = load_corpus(args.data_dir, args.vocab_size, args.runs, args.quick)
+    cfgs = row_configs(size, data["vocab_size"], args.seq_len)
+    loaders = {split: SequenceLoader(data[split]["ids"], args.seq_len, args.batch_size, shuffle=False, drop_last=False)
+               for split in ("validation", "test")}
+    swept = sweep(args, cfgs, data, loaders, cached_only=args.table_only or args.lr is not None)
+    if swept is None and not args.table_only and args.lr is None:
+        raise SystemExit("ablation: the lr sweep is unfinished (another study process is training part of it); "
+                         "wait for it or pass --lr VANILLA TMT")
+    best = {row: min(ppls, key=ppls.get) for row, ppls in (swept or {}).items()}
+    vanilla_lr, tmt_lr = args.lr or (best.get("vanilla", 2e-3), best.get("full", 2e-3))
+    lrs = {row: vanilla_lr if row == "vanilla" else tmt_lr for row in ROWS}
+    if args.sweep:
+        print(json.dumps({"sweep_val_word_ppl": swept, "best": best}, indent=1))
+        return {"sweep": swept, "best": best}
     if not args.table_only:
-        for seed in args.seeds:  # every row's first seed before the repeats
-            for row in args.rows:
-                if seed == args.seeds[0] or row in MULTI_SEED:
-                    run_once(row, cfgs[row], seed, data, args, args.runs, test)
-    results = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json"))]
-    budget = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
-    results = [r for r in results if r["model"] == json.loads(json.dumps(asdict(cfgs[r["row"]])))
-               and all(r["train"][k] == v for k, v in budget.items())]  # runs of another setup are ignored
-    results = [r if "test_exits_off" in r or not cfgs[r["row"]].use_exit else add_exits_off(r, cfgs[r["row"]], args.runs, test)
-               for r in results]
+        study(args, cfgs, lrs, data, loaders)
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json")))
+               if r["row"] in ROWS and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
+               args.steps * args.batch_size * args.seq_len and r["lr"] == lrs[r["row"]]]  # other setups are ignored
     rows = summarise(results)
-    effect = interaction(rows)
-
-    def ppl(row):
-        r = rows[row]
-        return f"{r['test_ppl']:.1f} ± {r['test_ppl_std']:.1f}" if r["test_ppl_std"] is not None else f"{r['test_ppl']:.1f}"
-    table = [(row, CLAIMED.get(row, "—"), ppl(row), r["test_ppl_exits_off"] or "—", r["val_ppl"], f"{r['params']:,}",
-              len(r["seeds"]), r["work_fraction"], r["exit_rate"], r["train_seconds"] / 60) for row, r in rows.items()]
+    effect, effect_off = interaction(rows), interaction(rows, "test_ppls_exits_off")
     tokens = args.steps * args.batch_size * args.seq_len
-    report = [f"Model: d={size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads, k={size['graph_k']}, "
-              f"S={args.seq_len}, vocab {len(data['vocab']):,} (word level, tied LM head); every row trained on "
-              f"{tokens:,} tokens ({args.steps} steps x {args.batch_size} x {args.seq_len}), AdamW lr {args.lr}, "
-              f"dropout 0.1. Test PPL over {'the whole test split' if not args.test_tokens else f'{args.test_tokens:,} test tokens'} "
-              f"(non-overlapping {args.seq_len}-token windows), exits at tau = {cfgs['full'].exit_threshold}. "
-              f"Seeds {args.seeds} for {' and '.join(MULTI_SEED)} (mean ± std), {args.seeds[0]} for the rest.",
-              markdown_table(["row", "claimed PPL", "test PPL", "test PPL, exits off", "val PPL", "params", "seeds", "work fraction",
-                              "exit rate", "train min/run"], table)]
-    if effect:
-        report.append(f"Interaction (full gain − sum of single gains, gains = vanilla PPL − row PPL): "
-                      f"{effect['full_gain']:.1f} − {effect['sum_of_single_gains']:.1f} = **{effect['interaction']:+.1f}** PPL "
-                      f"({'superadditive' if effect['interaction'] > 0 else 'not superadditive'}).")
-    fig, (ax,) = new_figure(width=7.0)
-    names = list(rows)
-    ax.bar(names, [rows[n]["test_ppl"] for n in names], yerr=[rows[n]["test_ppl_std"] or 0 for n in names],
-           color="tab:blue", label="measured here")
-    claimed = [(i, CLAIMED[n]) for i, n in enumerate(names) if n in CLAIMED]
-    ax.plot([i for i, _ in claimed], [v for _, v in claimed], "r*", markersize=12, label="claimed (announcement)")
-    ax.set(ylabel="WikiText-2 test PPL (word level)", title=f"ablation at equal params and {tokens:,} training tokens")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend()
-    return finish(NAME, args, info, report, {"size": size, "rows": rows, "interaction": effect, "runs": results},
-                  fig, argv=argv)
+    report = [f"Model: d={size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads, every other field the "
+              f"shipped TMTConfig default; context {args.seq_len}; byte-level BPE of {data['vocab_size']:,} tokens "
+              f"trained on the train split (tied head). Every row trained on {tokens:,} tokens ({args.steps} steps x "
+              f"{args.batch_size} x {args.seq_len}, {tokens / data['train']['ids'].numel():.1f} epochs), AdamW, warmup "
+              f"{RECIPE['warmup']}, cosine to lr/10, dropout {size['dropout']}; lr per row in the table (sweep of "
+              f"{', '.join(f'{lr:g}' for lr in SWEEP_LRS)} on a tenth of the budget: {best or 'not run'}). Exit rows: "
+              f"early-exit loss weight {EXIT_RECIPE['exit_loss_weight']}, τ calibrated on the validation split at "
+              f"+2 % loss; eval time at τ over exits off measured alternately on {args.timing_batches} test batches "
+              f"(median of {args.repeats}, {info['torch_threads']} thread). PPL per word: exp(total subword NLL / "
+              f"{data['test']['words']:,} test words), non-overlapping {args.seq_len}-token windows over the whole "
+              f"test split. Seeds {args.seeds} for {' and '.join(MULTI_SEED)} (mean ± std), {args.seeds[0]} for the rest.",
+              f"Published level at a similar budget: {REFERENCE}.", report_table(rows)]
+    for name, eff in (("at τ", effect), ("exits off", effect_off)):
+        if eff:
+            report.append(f"Interaction ({name}; full gain − sum of the five single gains, gain = vanilla PPL − row PPL): "
+                          f"{eff['full_gain']:.1f} − {eff['sum_of_single_gains']:.1f} = **{eff['interaction']:+.1f} ± "
+                          f"{eff['interaction_se']:.1f}** PPL ({'superadditive' if eff['interaction'] > eff['interaction_se'] else 'not superadditive' if eff['interaction'] < -eff['interaction_se'] else 'additive within its spread'}).")
+    return finish(NAME, args, info, report, {"size": size, "vocab_size": data["vocab_size"], "lrs": lrs, "sweep": swept,
+                                             "rows": rows, "interaction": effect, "interaction_exits_off": effect_off,
+                                             "runs": results}, plot(rows, results), argv=argv)
 
 
 if __name__ == "__main__":

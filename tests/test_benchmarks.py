@@ -123,15 +123,31 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert max(params) / min(params) < 1.02, "ablation rows must have matched parameter counts"
     assert len(rows["vanilla"]["seeds"]) == len(rows["full"]["seeds"]) == 2 and len(rows["mesh"]["seeds"]) == 1
     assert all(finite_positive(r["test_ppl"], r["val_ppl"], r["work_fraction"]) for r in rows.values())
-    exit_rows = {row for row, switches in ablation.ROWS.items() if switches.get("use_exit")}
-    assert all(finite_positive(rows[row]["test_ppl_exits_off"]) for row in exit_rows)
-    assert all(rows[row]["test_ppl_exits_off"] is None for row in set(rows) - exit_rows)
+    exit_rows = {row for row, parts in ablation.ROWS.items() if "use_exit" in parts}
+    assert all(finite_positive(rows[row]["test_ppl_exits_off"], rows[row]["eval_time_vs_off"]) for row in exit_rows)
+    assert all(rows[row]["test_ppl_exits_off"] is None and rows[row]["work_fraction"] == 1 for row in set(rows) - exit_rows)
+    for run in result["runs"]:
+        cfg = run["model"]
+        assert cfg["exit_loss_weight"] == (0.5 if cfg["use_exit"] else 0.0), "exit rows train with the exit recipe"
+        assert cfg["mesh_similarity"] == "attention" and cfg["mesh_window"] == 8, "rows are today's defaults"
+        if cfg["use_exit"]:
+            curve = run["exits"]["curve"]
+            assert run["exits"]["tau"] in [p["tau"] for p in curve]
+            assert all(0 < p["work_fraction"] <= 1 and finite_positive(p["ppl"], p["time_vs_off"]) for p in curve)
+    assert set(result["sweep"]) == set(ablation.MULTI_SEED) and all(len(v) == len(ablation.SWEEP_LRS) for v in result["sweep"].values())
     effect = result["interaction"]
     assert effect["interaction"] == pytest.approx(effect["full_gain"] - effect["sum_of_single_gains"])
+    assert effect["sum_of_single_gains"] == pytest.approx(sum(effect["gains"][r] for r in ablation.SINGLES))
     cached = sorted(p.name for p in (tmp_path / "ablation_runs").glob("*.json"))
     assert len(cached) == len(ablation.ROWS) + 2
     again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
+
+
+def test_ablation_word_ppl():
+    """Subword losses convert to word PPL through the total NLL: the loss per subword times subwords per word."""
+    split = {"ids": torch.zeros(300, dtype=torch.long), "words": 200}
+    assert ablation.word_ppl(2.0, split) == pytest.approx(math.exp(3.0))
 
 
 def test_shakespeare(tmp_path):
