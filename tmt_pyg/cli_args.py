@@ -68,6 +68,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh", dest="use_mesh", action=bool_flag, default=d.use_mesh, help="kNN mesh attention (--no-mesh: dense causal attention)")
     g.add_argument("--decay", dest="use_decay", action=bool_flag, default=d.use_decay, help="temporal decay of attention weights")
     g.add_argument("--exit", dest="use_exit", action=bool_flag, default=d.use_exit, help="per-token exit gates")
+    g.add_argument("--message-passing", dest="message_passing", action=bool_flag, default=d.message_passing,
+                   help="causal mesh attention as PyG message passing over the mesh edges (the general path; the "
+                        "default is the fused slot op, the same attention, faster)")
     g.add_argument("--anchors", dest="use_anchors", action=bool_flag, default=d.use_anchors, help="memory anchors")
     g.add_argument("--dual-stream", dest="dual_stream", action=bool_flag, default=d.dual_stream, help="dual-stream FFN (--no-dual-stream: plain MLP)")
     g.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=d.exit_loss_weight,

@@ -157,10 +157,12 @@ class TMTLayer(nn.Module):
         """Attention output of the active rows (active tokens, then every anchor row) by one of four
         paths: causal or bidirectional, over the mesh (built from the states ``h`` (N + R, D)) or dense.
         Attention reads the layer-normed states. ``with_weights``: also the attention as PyG edges (mesh
-        paths). ``update_anchors``: the anchors' EMA step from this layer's queries (causal layer 0 in training)."""
+        paths). The causal mesh path is the fused slot op, or with ``config.message_passing`` PyG message
+        passing over the mesh edges (the same attention). ``update_anchors``: the anchors' EMA step from this layer's queries (causal layer 0 in training)."""
         x = self.ln_attn(h)
         if self.config.causal:
-            path = self.causal_dense if mesh_search is None else self.causal_slots
+            mesh_path = self.causal_edges if self.config.message_passing else self.causal_slots
+            path = self.causal_dense if mesh_search is None else mesh_path
         else:
             path = self.bidirectional_dense if mesh_search is None else self.bidirectional_edges
         return path(h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors)
@@ -192,24 +194,44 @@ class TMTLayer(nn.Module):
             return mesh_search.routed_pairs(active_tokens.numel(), ctx.seq_len or int(ctx.pos.max()) + 1)
         return ctx.candidate_pairs(active_tokens, self.config.causal)
 
+    def causal_mesh(self, h: Tensor, query: Tensor, key: Tensor, active_tokens: Tensor, ctx: LayerInput,
+                    mesh_search: DynamicMesh) -> MeshSlots:
+        """The causal mesh of the active tokens: the kNN of their states, or of their queries among the
+        keys (attention similarity); the search reads query rows by node id."""
+        cfg, N, A = self.config, ctx.pos.numel(), active_tokens.numel()
+        target = None if A == N else active_tokens
+        if cfg.mesh_similarity == "state":
+            return mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
+        query_x = head_units(query, cfg.search_heads)
+        if A != N:
+            query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
+        return mesh_search.slots(head_units(key[:N], cfg.search_heads), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
+
     def causal_slots(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
         """The fast path: every active token attends to its fixed-degree mesh slots (k neighbours, the
         window, itself) and the M anchor rows in one softmax (the fused slot op)."""
-        cfg, N, A, R = self.config, ctx.pos.numel(), active_tokens.numel(), ctx.anchor_nodes.numel()
+        N, A, R = ctx.pos.numel(), active_tokens.numel(), ctx.anchor_nodes.numel()
         search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
-        target = None if A == N else active_tokens
         query, key, value, pos_q = self.causal_projections(h, x, active_tokens, ctx, anchors, update_anchors)
-        if cfg.mesh_similarity == "state":
-            mesh = mesh_search.slots(h[:N], ctx.tok_batch, target, ctx.seq_len)
-        else:  # queries search the keys; the search reads query rows by node id
-            query_x = head_units(query, cfg.search_heads)
-            if A != N:
-                query_x = query_x.new_zeros(N, query_x.size(1)).index_copy(0, active_tokens, query_x)
-            mesh = mesh_search.slots(head_units(key[:N], cfg.search_heads), ctx.tok_batch, target, ctx.seq_len, query_x=query_x)
+        mesh = self.causal_mesh(h, query, key, active_tokens, ctx, mesh_search)
         memory = (key[N:], value[N:]) if R else None
         out, alpha = self.attn.attend_slots(query, key[:N], value[:N], mesh.index, mesh.valid, (ctx.pos, pos_q), memory)
         attention = slot_edges(mesh, alpha, ctx.anchor_nodes, anchors) if with_weights else None
         return Attended(self.with_anchor_rows(out, value, N), attention, mesh, A * (mesh.index.size(1) + R) + R, search_pairs)
+
+    def causal_edges(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """The PyG path (``config.message_passing``): the same mesh as edges (``knn``/``knn_graph`` with the
+        cluster backend) plus the anchor edges, and ``MeshAttentionConv.propagate`` over them; equal to
+        :meth:`causal_slots` (tests/test_fast_path.py)."""
+        N = ctx.pos.numel()
+        search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
+        query, key, value, _ = self.causal_projections(h, x, active_tokens, ctx, anchors, update_anchors)
+        mesh = self.causal_mesh(h, query, key, active_tokens, ctx, mesh_search)
+        active = torch.cat([active_tokens, ctx.anchor_nodes])
+        edge_global, edge_index = self.layer_edges(mesh.edges()[0], h.size(0), ctx, active_tokens, active, anchors)
+        anchor_query = self.attn.project_query(x[N:], ctx.node_pos[N:])  # an anchor's one (self) edge: weight 1
+        out, alpha = self.attn.attend(torch.cat([query, anchor_query]), key, value, edge_index, (ctx.node_pos, ctx.node_pos[active]))
+        return Attended(out, (edge_global, alpha) if with_weights else None, mesh, edge_index.size(1), search_pairs)
 
     def causal_dense(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
         """No mesh: every active token attends to all earlier tokens of its sequence and the anchor rows."""
@@ -243,12 +265,13 @@ class TMTLayer(nn.Module):
 
     def layer_edges(self, mesh_edges: Tensor, num_nodes: int, ctx: LayerInput, active_tokens: Tensor, active: Tensor,
                     anchors: Optional[MemoryAnchors]) -> Tuple[Tensor, Tensor]:
-        """Bidirectional mesh edges plus anchor edges (anchor <-> token, anchor self edges). Returns
-        them in node ids (2, E) and with targets renumbered in ``active`` order."""
+        """Mesh edges plus anchor edges (anchor -> token, and token -> anchor when bidirectional; anchor
+        self edges). Returns them in node ids (2, E) and with targets renumbered in ``active`` order."""
         edge_global = mesh_edges
         if anchors is not None:
             anchor_nodes = ctx.anchor_nodes
-            anchor_edges = anchors.edges(active_tokens, ctx.tok_batch[active_tokens], num_nodes - anchor_nodes.numel(), self.config.causal)
+            graph = torch.zeros_like(active_tokens) if self.config.causal else ctx.tok_batch[active_tokens]  # causal: M shared rows
+            anchor_edges = anchors.edges(active_tokens, graph, num_nodes - anchor_nodes.numel(), self.config.causal)
             edge_global = torch.cat([mesh_edges, anchor_edges, anchor_nodes.expand(2, -1)], dim=1)
         local = torch.full((num_nodes,), -1, dtype=torch.long, device=mesh_edges.device)
         local[active] = torch.arange(active.numel(), device=mesh_edges.device)
