@@ -62,7 +62,7 @@ EXIT_RECIPE = dict(exit_loss_weight=0.5)  # the shipped exit recipe's early-exit
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.1)  # the other fields: TMTConfig's defaults
 QUICK_SIZE = dict(d_model=32, n_heads=2, n_layers=2, graph_k=4, memory_anchors=4, dropout=0.1)
 RECIPE = dict(warmup=100, beta2=0.99, weight_decay=0.1)  # min_lr = lr / 10
-SWEEP_LRS = (1e-3, 2e-3, 4e-3)
+SWEEP_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 
 
 def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfig]:
