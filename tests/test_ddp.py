@@ -85,7 +85,9 @@ def test_ddp_equals_one_process_on_the_global_batch(tmp_path):
     diff = {name: float((a - ranks[0]["model"][name]).abs().max()) for name, a in reference.model.state_dict().items()}
     print(f"max abs diff DDP vs one process: {max(diff.values()):.2e} ({max(diff, key=diff.get)})")
     for name, a in reference.model.state_dict().items():
-        torch.testing.assert_close(ranks[0]["model"][name], a, rtol=1e-5, atol=1e-6, msg=name)
+        # the ranks' gradients are summed in another order than one process sums them: float rounding,
+        # which Adam's normalised steps carry into the weights (4e-6 seen on an AMD EPYC, with its own BLAS kernels)
+        torch.testing.assert_close(ranks[0]["model"][name], a, rtol=1e-5, atol=2e-5, msg=name)
     assert abs(ranks[0]["val"]["loss"] - result["loss"]) < 1e-5 and ranks[0]["val"]["targets"] == result["targets"]
     initial = make_trainer(tmp_path / "fresh", 0, 1).model.anchors.anchor_state
     assert not torch.allclose(ranks[0]["model"]["anchors.anchor_state"], initial)  # the EMA did move (by all-reduced targets)
