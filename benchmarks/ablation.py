@@ -17,6 +17,7 @@ checkpoint), so the study spans sessions; ``--table-only`` tables what is cached
     python -m benchmarks.ablation --table-only             # the table, the plots, the interaction
     python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
 """
+import argparse
 import hashlib
 import json
 import math
@@ -216,19 +217,12 @@ def study(args, cfgs: Dict, lrs: Dict, data: Dict, loaders: Dict) -> List[Dict]:
 def sweep(args, cfgs: Dict, data: Dict, loaders: Dict, cached_only: bool) -> Optional[Dict[str, Dict[float, float]]]:
     """Validation word PPL of vanilla and full at every ``SWEEP_LRS`` on a tenth of the budget (cached;
     ``cached_only``: None unless every sweep run is cached)."""
-    short = replace_args(args, steps=max(1, args.steps // 10), runs=args.runs / "sweep")
+    short = argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 10), "runs": args.runs / "sweep"})
     runs = {(row, lr): run_once(row, cfgs[row], lr, args.seeds[0], data, short, loaders, final=False,
                                 cached_only=cached_only) for row in MULTI_SEED for lr in SWEEP_LRS}
     if any(r is None for r in runs.values()):
         return None
     return {row: {lr: runs[row, lr]["val"]["ppl"] for lr in SWEEP_LRS} for row in MULTI_SEED}
-
-
-def replace_args(args, **changes):
-    out = type(args)(**vars(args))
-    for k, v in changes.items():
-        setattr(out, k, v)
-    return out
 
 
 def summarise(results: List[Dict]) -> Dict[str, Dict]:

@@ -158,7 +158,8 @@ class TMTLayer(nn.Module):
         paths: causal or bidirectional, over the mesh (built from the states ``h`` (N + R, D)) or dense.
         Attention reads the layer-normed states. ``with_weights``: also the attention as PyG edges (mesh
         paths). The causal mesh path is the fused slot op, or with ``config.message_passing`` PyG message
-        passing over the mesh edges (the same attention). ``update_anchors``: the anchors' EMA step from this layer's queries (causal layer 0 in training)."""
+        passing over the mesh edges (the same attention). ``update_anchors``: the anchors' EMA step from
+        this layer's queries (causal layer 0 in training)."""
         x = self.ln_attn(h)
         if self.config.causal:
             mesh_path = self.causal_edges if self.config.message_passing else self.causal_slots
@@ -222,7 +223,7 @@ class TMTLayer(nn.Module):
     def causal_edges(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
         """The PyG path (``config.message_passing``): the same mesh as edges (``knn``/``knn_graph`` with the
         cluster backend) plus the anchor edges, and ``MeshAttentionConv.propagate`` over them; equal to
-        :meth:`causal_slots` (tests/test_fast_path.py)."""
+        :meth:`causal_slots` (tests/test_message_passing_path.py)."""
         N = ctx.pos.numel()
         search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
         query, key, value, _ = self.causal_projections(h, x, active_tokens, ctx, anchors, update_anchors)
