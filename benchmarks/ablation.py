@@ -9,8 +9,9 @@ validation split (+2 % loss), with their exits off, along a threshold curve (cou
 measured evaluation time), and timed against exits off. BPE perplexities are converted to word
 level: ``exp(total NLL / words)``, words counted as WikiText's tokens (one ``<eos>`` per line).
 
-Each finished run is cached under ``--runs`` (and an unfinished one resumes from its newest
-checkpoint), so the study spans sessions; ``--table-only`` tables what is cached.
+Each finished run's result is kept under ``--results`` (tracked in git, so a fresh clone resumes the
+study) and an unfinished run resumes from its newest checkpoint under ``--runs``; ``--table-only``
+tables what is finished.
 
     python -m benchmarks.ablation --sweep --threads 1      # lr sweep of vanilla and full on a short budget
     python -m benchmarks.ablation --threads 1              # the study (about 12 h at one thread; resumes)
@@ -64,6 +65,9 @@ SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.1)  # the other fields
 QUICK_SIZE = dict(d_model=32, n_heads=2, n_layers=2, graph_k=4, memory_anchors=4, dropout=0.1)
 RECIPE = dict(warmup=100, beta2=0.99, weight_decay=0.1)  # min_lr = lr / 10
 SWEEP_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
+# The sweep's choice (2026-12-03, RESULTS.md: vanilla 893, full 705 val PPL at 8e-3, the best of both), used
+# when its runs are not in --results (they were made before results were tracked, on a machine since gone).
+SWEPT_LR = {"vanilla": 8e-3, "full": 8e-3}
 
 
 def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfig]:
@@ -155,8 +159,8 @@ def run_once(row: str, cfg: TMTConfig, lr: float, seed: int, data: Dict, args, l
     """Train one row with one seed, or read its cached result (``cached_only``: None when there is
     none); evaluate it on the validation split and, for a ``final`` run, on the test split."""
     tag = digest(identity(cfg), lr, args.steps, args.batch_size, args.seq_len, data["vocab_size"])
-    folder = args.runs / f"{row.replace(' ', '_')}_seed{seed}_{tag}"
-    cache = folder.with_suffix(".json")
+    name = f"{row.replace(' ', '_')}_seed{seed}_{tag}"
+    folder, cache = args.runs / name, args.results / f"{name}.json"
     if cache.exists() or cached_only or not claim(folder):
         return json.loads(cache.read_text()) if cache.exists() else None
     model = train(cfg, train_config(args, lr, seed, folder), data)
@@ -168,6 +172,7 @@ def run_once(row: str, cfg: TMTConfig, lr: float, seed: int, data: Dict, args, l
         result["test"] = evaluation(model, loaders["test"], data["test"], None)
     if final and cfg.use_exit:
         result["exits"] = exit_measures(model, loaders, data, args.timing_batches, args.repeats)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1) + "\n")
     folder.with_suffix(".lock").unlink()
     return result
@@ -217,7 +222,8 @@ def study(args, cfgs: Dict, lrs: Dict, data: Dict, loaders: Dict) -> List[Dict]:
 def sweep(args, cfgs: Dict, data: Dict, loaders: Dict, cached_only: bool) -> Optional[Dict[str, Dict[float, float]]]:
     """Validation word PPL of vanilla and full at every ``SWEEP_LRS`` on a tenth of the budget (cached;
     ``cached_only``: None unless every sweep run is cached)."""
-    short = argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 10), "runs": args.runs / "sweep"})
+    short = argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 10), "runs": args.runs / "sweep",
+                                 "results": args.results / "sweep"})
     runs = {(row, lr): run_once(row, cfgs[row], lr, args.seeds[0], data, short, loaders, final=False,
                                 cached_only=cached_only) for row in MULTI_SEED for lr in SWEEP_LRS}
     if any(r is None for r in runs.values()):
@@ -302,7 +308,9 @@ def plot(rows: Dict, results: List[Dict]):
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--runs", type=Path, default=Path("runs/ablation_bpe"), help="cache of finished and unfinished runs")
+    parser.add_argument("--runs", type=Path, default=Path("runs/ablation_bpe"), help="checkpoints of unfinished runs")
+    parser.add_argument("--results", type=Path, default=Path("docs/results/ablation_runs"),
+                        help="finished runs' results (tracked, so the study resumes on a fresh clone)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help=f"seeds of the {'/'.join(MULTI_SEED)} rows; the other rows use the first")
@@ -311,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, nargs=2, metavar=("VANILLA", "TMT"), default=None,
-                        help="peak lr of vanilla and of every other row (default: the sweep's best, else 2e-3)")
+                        help="peak lr of vanilla and of every other row (default: the sweep's best, from --results or SWEPT_LR)")
     parser.add_argument("--timing-batches", type=int, default=8, help="test batches of the timed evaluations")
     parser.add_argument("--sweep", action="store_true", help=f"only the lr sweep ({SWEEP_LRS}) of vanilla and full")
     parser.add_argument("--table-only", action="store_true", help="table the cached runs, train nothing")
@@ -321,24 +329,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.quick:
         size, args.vocab_size, args.steps, args.batch_size, args.seq_len = QUICK_SIZE, 300, 5, 4, 32
         args.seeds, args.runs, args.timing_batches, args.repeats = args.seeds[:2], args.out / "ablation_runs", 1, 1
+        args.results = args.runs / "results"
     args.runs.mkdir(parents=True, exist_ok=True)
     data = load_corpus(args.data_dir, args.vocab_size, args.runs, args.quick)
     cfgs = row_configs(size, data["vocab_size"], args.seq_len)
     loaders = {split: SequenceLoader(data[split]["ids"], args.seq_len, args.batch_size, shuffle=False, drop_last=False)
                for split in ("validation", "test")}
-    swept = sweep(args, cfgs, data, loaders, cached_only=args.table_only or args.lr is not None)
-    if swept is None and not args.table_only and args.lr is None:
-        raise SystemExit("ablation: the lr sweep is unfinished (another study process is training part of it); "
-                         "wait for it or pass --lr VANILLA TMT")
+    swept = sweep(args, cfgs, data, loaders, cached_only=not args.sweep)
     best = {row: min(ppls, key=ppls.get) for row, ppls in (swept or {}).items()}
-    vanilla_lr, tmt_lr = args.lr or (best.get("vanilla", 2e-3), best.get("full", 2e-3))
+    vanilla_lr, tmt_lr = args.lr or (best.get("vanilla", SWEPT_LR["vanilla"]), best.get("full", SWEPT_LR["full"]))
     lrs = {row: vanilla_lr if row == "vanilla" else tmt_lr for row in ROWS}
     if args.sweep:
         print(json.dumps({"sweep_val_word_ppl": swept, "best": best}, indent=1))
         return {"sweep": swept, "best": best}
     if not args.table_only:
         study(args, cfgs, lrs, data, loaders)
-    results = [r for r in (json.loads(p.read_text()) for p in sorted(args.runs.glob("*_seed*.json")))
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(args.results.glob("*_seed*.json")))
                if r["row"] in ROWS and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
                args.steps * args.batch_size * args.seq_len and r["lr"] == lrs[r["row"]]]  # other setups are ignored
     rows = summarise(results)
@@ -349,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               f"trained on the train split (tied head). Every row trained on {tokens:,} tokens ({args.steps} steps x "
               f"{args.batch_size} x {args.seq_len}, {tokens / data['train']['ids'].numel():.1f} epochs), AdamW, warmup "
               f"{RECIPE['warmup']}, cosine to lr/10, dropout {size['dropout']}; lr per row in the table (sweep of "
-              f"{', '.join(f'{lr:g}' for lr in SWEEP_LRS)} on a tenth of the budget: {best or 'not run'}). Exit rows: "
+              f"{', '.join(f'{lr:g}' for lr in SWEEP_LRS)} on a tenth of the budget: {best or SWEPT_LR}). Exit rows: "
               f"early-exit loss weight {EXIT_RECIPE['exit_loss_weight']}, τ calibrated on the validation split at "
               f"+2 % loss; eval time at τ over exits off measured alternately on {args.timing_batches} test batches "
               f"(median of {args.repeats}, {info['torch_threads']} thread). PPL per word: exp(total subword NLL / "

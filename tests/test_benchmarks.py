@@ -116,7 +116,11 @@ def test_memory(tmp_path):
 
 
 def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared corpora are missing
+    swept = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--sweep"])
+    assert set(swept["sweep"]) == set(ablation.MULTI_SEED) and all(len(v) == len(ablation.SWEEP_LRS) for v in swept["sweep"].values())
     result = run_quick(ablation, tmp_path)
+    assert result["sweep"] == swept["sweep"] and result["lrs"]["vanilla"] == swept["best"]["vanilla"], "the study takes the sweep's lr"
+    assert result["lrs"]["mesh"] == swept["best"]["full"]
     rows = result["rows"]
     assert list(rows) == list(ablation.ROWS)
     params = [r["params"] for r in rows.values()]
@@ -134,12 +138,11 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
             curve = run["exits"]["curve"]
             assert run["exits"]["tau"] in [p["tau"] for p in curve]
             assert all(0 < p["work_fraction"] <= 1 and finite_positive(p["ppl"], p["time_vs_off"]) for p in curve)
-    assert set(result["sweep"]) == set(ablation.MULTI_SEED) and all(len(v) == len(ablation.SWEEP_LRS) for v in result["sweep"].values())
     effect = result["interaction"]
     assert effect["interaction"] == pytest.approx(effect["full_gain"] - effect["sum_of_single_gains"])
     assert effect["sum_of_single_gains"] == pytest.approx(sum(effect["gains"][r] for r in ablation.SINGLES))
-    cached = sorted(p.name for p in (tmp_path / "ablation_runs").glob("*.json"))
-    assert len(cached) == len(ablation.ROWS) + 2
+    cached = sorted(p.name for p in (tmp_path / "ablation_runs" / "results").glob("*.json"))
+    assert len(cached) == len(ablation.ROWS) + 2, "every finished run keeps its result"
     again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
 
