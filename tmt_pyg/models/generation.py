@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..data.batching import TokenInput, check_ids, pack_tokens
 from ..layers.attention import MeshAttentionConv
+from ..layers.ffn import PackedStreams, dual_stream
 from ..layers.mesh import DynamicMesh, top_slots, window_slots
 from ..layers.rotary import apply_rotary
 from ..layers.routed_search import as_blocks, block_summaries, routed_knn
@@ -59,6 +60,7 @@ class LayerCache:
     value: Tensor  # (B, capacity, H, C) their values
     memory: Optional[Tuple[Tensor, Tensor]]  # keys and values (M, H, C) of the memory anchors at this layer
     qkv: Tuple[Tensor, Optional[Tensor]]  # the layer's query, key and value projections as one weight (3 H C, D) and bias
+    ffn: Optional[PackedStreams]  # the dual-stream FFN's weights packed for :func:`dual_stream` (None: a plain MLP)
     summary: Optional[Tensor] = None  # (B, capacity / route_block, D') mean unit row of every block (routed search)
 
 
@@ -94,7 +96,8 @@ class TMTCache:
             qkv = (torch.cat([lin.weight for lin in lins]), None if lins[0].bias is None else torch.cat([lin.bias for lin in lins]))
             new = lambda rows: None if rows is None else rows.new_zeros((B, self.capacity) + rows.shape[1:])
             unit = None if model.mesh is None else mesh_unit(model, h, key)
-            layer = LayerCache(new(h), new(unit), new(key), new(value), (key[N:], value[N:]) if h.size(0) > N else None, qkv)
+            ffn = block.ffn.packed() if cfg.dual_stream else None
+            layer = LayerCache(new(h), new(unit), new(key), new(value), (key[N:], value[N:]) if h.size(0) > N else None, qkv, ffn)
             for cached, rows in ((layer.state, h), (layer.unit, unit), (layer.key, key), (layer.value, value)):
                 if cached is not None:
                     cached[data.batch, data.pos] = rows[:N]
@@ -222,9 +225,17 @@ def decode_layer(model: Decoder, block: nn.Module, layer: LayerCache, h: Tensor,
             valid = torch.cat([near_valid, valid], 1)
         attn, _ = conv.attend_slots(query, layer.key.flatten(0, 1), layer.value.flatten(0, 1), index, valid,
                                     (step.source_pos, pos), layer.memory)
-    out = block.residual(h if active is None else h[active], attn)
+    out = residual(block, layer, h if active is None else h[active], attn)
     fired = None if block.exit_gate is None or not model.config.use_exit else block.exit_gate(out) > model.config.exit_threshold
     return (out if active is None else h.index_copy(0, active, out)), fired
+
+
+def residual(block: nn.Module, layer: LayerCache, h: Tensor, attn: Tensor) -> Tensor:
+    """:meth:`TMTLayer.residual` in eval mode, the dual-stream FFN over the weights the cache packed."""
+    if block.training or layer.ffn is None:
+        return block.residual(h, attn)
+    out = h + attn
+    return out + dual_stream(block.ln_ffn(out), *layer.ffn)
 
 
 @torch.no_grad()
