@@ -268,7 +268,8 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (DGCNN's paper: 1e-3)")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout in both classifier heads (DGCNN's paper: 0.5)")
     p.add_argument("--seeds", type=int, default=5, help="initialisations (and samplings) to average over")
-    p.add_argument("--out", default="runs/point_cloud", help="cache of finished runs, summary.json and curves.png")
+    p.add_argument("--out", default="docs/results/point_cloud",
+                   help="finished runs (tracked in git, so the study resumes on a fresh clone), summary.json and curves.png")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
