@@ -1,7 +1,7 @@
 """Greedy decoding throughput, new tokens/s, of TMT (batched, preallocated per-layer caches, exits on)
 against HuggingFace ``GPT2LMHeadModel.generate`` with its KV cache at about the same size, and our
 vanilla config through TMT's own decoder. Targets: TMT >= 1.0x GPT-2 and the vanilla config (the decoding
-loop without TMT's parts) >= 1.1x GPT-2, at B=1 and B=8.
+loop without TMT's parts) >= 1.3x GPT-2, at B=1 and B=8.
 
     python -m benchmarks.decode --threads 2
 """
@@ -20,7 +20,7 @@ from tmt_pyg import TMTConfig, TMTModel
 
 NAME = "decode"
 TARGET_RATIO = 1.0  # TMT's new tokens/s against GPT-2's
-VANILLA_TARGET = 1.1  # the vanilla config's, through TMT's decoder
+VANILLA_TARGET = 1.3  # the vanilla config's, through TMT's decoder (the decoding issue's target)
 
 
 def gpt2_like(cfg: TMTConfig, max_len: int) -> GPT2LMHeadModel:
