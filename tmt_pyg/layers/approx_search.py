@@ -80,7 +80,7 @@ def tree_knn(u: Tensor, group: Tensor, k: int, trees: int = 4, leaf_size: int = 
     directions = torch.randn(trees, u.size(1), levels, generator=g).to(u.device, u.dtype)
     found, sim = (torch.cat(parts, 1) for parts in zip(*[
         leaf_knn(u, *tree_leaves(u @ d, group, leaf_size), k, leaf_size) for d in directions]))
-    found, order = found.sort(1)  # (M, trees * k); a row found by several trees: counted once
+    found, order = found.sort(dim=1, stable=True)  # (M, trees * k); a row found by several trees: counted once
     sim = sim.gather(1, order)
     allowed = found >= 0
     allowed[:, 1:] &= found[:, 1:] != found[:, :-1]

@@ -77,7 +77,7 @@ def check_memory(needed: int, device: torch.device, what: str, advice: str) -> N
     exceed :func:`available_memory` (before allocating them, instead of a crash or swapping)."""
     limit = available_memory(device)
     if limit is not None and needed > limit:
-        raise MemoryError(f"{what} needs about {needed / GiB:.1f} GiB, more than the {limit / GiB:.1f} GiB available "
+        raise MemoryError(f"{what} needs about {needed / GiB:.3g} GiB, more than the {limit / GiB:.3g} GiB available "
                           f"on {device}: {advice}")
 
 
