@@ -55,6 +55,7 @@ class MeshGPSConv(torch.nn.Module):
         mesh_backend (str): :class:`DynamicMesh` backend (``"auto"``, ``"dense"``, ``"cluster"``).
         search (str): ``"tree"`` (graphs above ``exact_max_nodes`` approximately) or ``"exact"``.
         exact_max_nodes (int): largest graph searched exactly by ``search="tree"``.
+        trees (int): projection trees of the tree search (more: higher neighbour recall, proportionally more time).
 
     Shapes:
         input: ``x`` (N, channels), ``edge_index`` (2, E) or any ``Adj`` the conv takes,
@@ -66,12 +67,13 @@ class MeshGPSConv(torch.nn.Module):
                  dropout: float = 0.0, attn_dropout: float = 0.0, act: str = "relu",
                  act_kwargs: Optional[Dict[str, Any]] = None, norm: Optional[str] = "batch_norm",
                  norm_kwargs: Optional[Dict[str, Any]] = None, mesh_backend: str = "auto", search: str = "tree",
-                 exact_max_nodes: int = 4096):
+                 exact_max_nodes: int = 4096, trees: int = 4):
         super().__init__()
         if channels % heads:
             raise ValueError(f"heads ({heads}) must divide channels ({channels})")
         self.channels, self.conv, self.heads, self.k, self.dropout = channels, conv, heads, k, dropout
-        self.mesh = DynamicMesh(k, causal=False, backend=mesh_backend, search=search, exact_max_nodes=exact_max_nodes)
+        self.mesh = DynamicMesh(k, causal=False, backend=mesh_backend, search=search, exact_max_nodes=exact_max_nodes,
+                                trees=trees)
         self.attn = MeshAttentionConv(channels, channels // heads, heads=heads, dropout=attn_dropout, decay=False)
         self.mlp = Sequential(
             Linear(channels, 2 * channels),
