@@ -5,11 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .approx_search import dense_labels, tree_knn
 from .routed_search import as_blocks, routed_knn
 from .topk import top_slots
 
 BACKENDS = ("auto", "dense", "cluster")
-SEARCHES = ("exact", "routed")
+SEARCHES = ("exact", "routed", "tree")
+GiB = 2 ** 30
+# bytes per (query, candidate) score of a dense search block: the float32 scores, the mask, the masked
+# copy and the rank of top_slots, with headroom for the allocator
+SCORE_BYTES = 24
 MISSING_CLUSTER = ("torch-cluster is not installed: run `make setup` (it compiles torch-scatter and torch-cluster "
                    "against your torch), or use backend='dense'")
 
@@ -50,6 +55,30 @@ def batch_to_ptr(batch: Tensor, num_graphs: Optional[int] = None) -> Tensor:
     """Sorted batch vector (N,) -> CSR pointer (B+1,)."""
     counts = torch.bincount(batch, minlength=num_graphs or 0)
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new tensors: ``MemAvailable`` of ``/proc/meminfo`` on CPU, the free device
+    memory plus the allocator's unused cache on CUDA; None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(needed: int, device: torch.device, what: str, advice: str) -> None:
+    """A MemoryError that states the estimate, the limit and ``advice`` where ``needed`` bytes
+    exceed :func:`available_memory` (before allocating them, instead of a crash or swapping)."""
+    limit = available_memory(device)
+    if limit is not None and needed > limit:
+        raise MemoryError(f"{what} needs about {needed / GiB:.3g} GiB, more than the {limit / GiB:.3g} GiB available "
+                          f"on {device}: {advice}")
 
 
 def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: int = 0,
@@ -199,8 +228,14 @@ class DynamicMesh(torch.nn.Module):
         search (str): ``"exact"`` (every earlier token is a candidate) or ``"routed"`` (causal only:
             the exact top-k among the keys of the ``route_top`` best-scoring earlier blocks of
             ``route_block`` positions plus the token's own block; see :mod:`.routed_search`).
+            ``"tree"`` (bidirectional only: graphs of more than ``exact_max_nodes`` nodes are searched
+            by ``trees`` random projection trees with leaves of ``leaf_size`` nodes, approximately and
+            sub-quadratically, see :mod:`.approx_search`; the others exactly).
         route_block (int): positions per routing block.
         route_top (int): earlier blocks each token routes to.
+        exact_max_nodes (int): largest graph the tree search leaves to the exact search.
+        trees (int): projection trees of the tree search (more: higher recall, more time).
+        leaf_size (int): most nodes per leaf of a tree (larger: higher recall, more time).
 
     Shapes:
         input: ``x`` (N, D), ``batch`` (N,) sorted, optional ``query_index`` (Q,) sorted node ids
@@ -210,16 +245,22 @@ class DynamicMesh(torch.nn.Module):
 
     def __init__(self, k: int, causal: bool = True, backend: str = "auto", block_size: int = 256,
                  low_dim_threshold: int = 8, window: int = 0, search: str = "exact", route_block: int = 64,
-                 route_top: int = 4):
+                 route_top: int = 4, exact_max_nodes: int = 4096, trees: int = 4, leaf_size: int = 256):
         super().__init__()
         if search not in SEARCHES:
             raise ValueError(f"unknown mesh search {search!r}; choose one of {SEARCHES}")
         if search == "routed" and not causal:
             raise ValueError("the routed search needs a causal mesh (causal=True)")
-        for name, value in (("route_block", route_block), ("route_top", route_top)):
+        if search == "tree" and causal:
+            raise ValueError("the tree search needs a bidirectional mesh (causal=False)")
+        for name, value in (("route_block", route_block), ("route_top", route_top), ("exact_max_nodes", exact_max_nodes),
+                            ("trees", trees), ("leaf_size", leaf_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if search == "tree" and leaf_size <= k:
+            raise ValueError(f"leaf_size ({leaf_size}) must exceed k ({k}): a leaf holds a node's candidates")
         self.search, self.route_block, self.route_top = search, route_block, route_top
+        self.exact_max_nodes, self.trees, self.leaf_size = exact_max_nodes, trees, leaf_size
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
@@ -275,16 +316,49 @@ class DynamicMesh(torch.nn.Module):
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
             if query_index is not None:  # the rows still active
                 index, valid = index[target], valid[target]
+        elif self.causal:
+            index, valid = self._exact(u, uq, batch, ptr, target, backend)
         else:
-            knn = flat_knn if backend == "dense" else cluster_knn
-            index, valid = knn(u, batch, ptr, self.k, self.causal, target, window=self.window, uq=uq,
-                               **({"block_size": self.block_size} if knn is flat_knn else {}))
+            index, valid = self._bidirectional(u, batch, ptr, target, backend)
         groups = [(index, valid)]
         if self.window:
             groups.append(window_slots(target, target - ptr[batch[target]], self.window))
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
         return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u, uq)
+
+    def _exact(self, u: Tensor, uq: Optional[Tensor], batch: Tensor, ptr: Tensor, target: Tensor,
+               backend: str) -> Tuple[Tensor, Tensor]:
+        """The exact search of the targets on the flat node array: node ids (Q, k), validity."""
+        knn = flat_knn if backend == "dense" else cluster_knn
+        return knn(u, batch, ptr, self.k, self.causal, target, window=self.window, uq=uq,
+                   **({"block_size": self.block_size} if knn is flat_knn else {}))
+
+    def _bidirectional(self, u: Tensor, batch: Tensor, ptr: Tensor, target: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+        """Bidirectional search of the targets: the tree search (``search="tree"``) in the graphs of more
+        than ``exact_max_nodes`` nodes, the exact one in the others (whose dense blocks are checked
+        against the memory available first). Returns node ids (Q, k), validity."""
+        sizes = ptr[1:] - ptr[:-1]
+        large = (sizes > self.exact_max_nodes) if self.search == "tree" else torch.zeros_like(sizes, dtype=torch.bool)
+        small_sizes = sizes[~large]
+        if backend == "dense" and small_sizes.numel():
+            check_memory(min(self.block_size, target.numel()) * int(small_sizes.max()) * SCORE_BYTES, u.device,
+                         f"the exact mesh search of a {int(small_sizes.max()):,}-node graph in blocks of {self.block_size} queries",
+                         "use search='tree' (the approximate search), a smaller block_size, or smaller graphs")
+        if not bool(large.any()):
+            return self._exact(u, None, batch, ptr, target, backend)
+        index = target.new_zeros(target.numel(), self.k)
+        valid = torch.zeros(target.numel(), self.k, dtype=torch.bool, device=u.device)
+        in_large = large[batch[target]]
+        if not bool(in_large.all()):
+            index[~in_large], valid[~in_large] = self._exact(u, None, batch, ptr, target[~in_large], backend)
+        nodes = large[batch].nonzero().view(-1)  # every node of the large graphs: sources of their targets
+        check_memory(nodes.numel() * self.trees * self.k * 32, u.device,
+                     f"the tree mesh search of {nodes.numel():,} nodes with {self.trees} trees", "use fewer trees or smaller graphs")
+        found, found_valid = tree_knn(u[nodes], dense_labels(batch[nodes]), self.k, self.trees, self.leaf_size)
+        rows = torch.searchsorted(nodes, target[in_large])
+        index[in_large], valid[in_large] = nodes[found[rows].clamp(min=0)], found_valid[rows]
+        return index, valid
 
     def routed_pairs(self, num_queries: int, seq_len: int) -> int:
         """(query, key) pairs the routed search scores: block summaries and candidate keys."""
@@ -310,8 +384,8 @@ class DynamicMesh(torch.nn.Module):
         found, valid = routed_knn(keys, query_unit[row, pos], row, pos, self.k, self.route_top, self.window, route)
         return found + start.unsqueeze(1), valid
 
-    def forward(self, x: Tensor, batch: Optional[Tensor] = None,
-                query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def checked_slots(self, x: Tensor, batch: Optional[Tensor] = None, query_index: Optional[Tensor] = None) -> MeshSlots:
+        """:meth:`slots` after checking the inputs: a clear error for wrong types, shapes, devices, values."""
         if x.dim() != 2 or not x.is_floating_point():
             raise TypeError(f"x must be a floating (N, D) tensor, got {x.dtype} {tuple(x.shape)}")
         N = x.size(0)
@@ -326,22 +400,27 @@ class DynamicMesh(torch.nn.Module):
                 raise ValueError(f"{name} is on {index.device} but x is on {x.device}")
         if batch.numel() != N:
             raise ValueError(f"batch has {batch.numel()} entries for {N} nodes")
-        if query.numel() == 0:
-            return query.new_empty(2, 0), x.new_empty(0)
-        non_finite, unsorted, bad_query = torch.stack([  # one host sync for all value checks
-            ~torch.isfinite(x).all(),
-            (batch[0] < 0) | (batch[1:] < batch[:-1]).any(),
-            (query[1:] <= query[:-1]).any() | ((query < 0) | (query >= N)).any(),
-        ]).tolist()
-        if non_finite:
-            raise ValueError("non-finite node states (NaN or Inf) given to DynamicMesh")
-        if unsorted:
-            raise ValueError("batch vector must be sorted and non-negative (nodes of each graph contiguous, as in a PyG Batch)")
-        if bad_query:
-            raise ValueError(f"query_index must hold strictly increasing node ids in [0, {N})")
-        return self.slots(x, batch, query_index).edges()
+        if query.numel():  # no targets (every token exited): nothing to search, nothing to check
+            non_finite, unsorted, bad_query = torch.stack([  # one host sync for all value checks
+                ~torch.isfinite(x).all(),
+                (batch[0] < 0) | (batch[1:] < batch[:-1]).any(),
+                (query[1:] <= query[:-1]).any() | ((query < 0) | (query >= N)).any(),
+            ]).tolist()
+            if non_finite:
+                raise ValueError("non-finite node states (NaN or Inf) given to DynamicMesh")
+            if unsorted:
+                raise ValueError("batch vector must be sorted and non-negative (nodes of each graph contiguous, as in a PyG Batch)")
+            if bad_query:
+                raise ValueError(f"query_index must hold strictly increasing node ids in [0, {N})")
+        return self.slots(x, batch, query_index)
+
+    def forward(self, x: Tensor, batch: Optional[Tensor] = None,
+                query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        return self.checked_slots(x, batch, query_index).edges()
 
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""
-        routed = f", search='routed', route_block={self.route_block}, route_top={self.route_top}" if self.search == "routed" else ""
-        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r}{window}{routed})"
+        search = {"exact": "", "routed": f", search='routed', route_block={self.route_block}, route_top={self.route_top}",
+                  "tree": f", search='tree', exact_max_nodes={self.exact_max_nodes}, trees={self.trees}, "
+                          f"leaf_size={self.leaf_size}"}[self.search]
+        return f"{self.__class__.__name__}(k={self.k}, causal={self.causal}, backend={self.backend!r}{window}{search})"

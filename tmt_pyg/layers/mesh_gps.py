@@ -29,9 +29,15 @@ class MeshGPSConv(torch.nn.Module):
 
     Every node attends to its ``k`` most cosine-similar nodes of its own graph (and itself), so the
     attention holds ``N * (k + 1)`` weights instead of ``sum_g N_g^2``: its time and memory are linear
-    in the nodes. The exact kNN search is not linear in time: the dense backend scores a block of
-    nodes against its whole graph at a time (``O(N_g^2 d)`` time without backward, memory
-    ``O(block_size * N_g)``); torch-cluster's KD-tree serves low-dimensional states.
+    in the nodes. The mesh is a fixed-degree table (:meth:`DynamicMesh.slots`, ``k`` neighbours and
+    the self slot; a graph of fewer than ``k + 1`` nodes leaves slots invalid), read by
+    :meth:`MeshAttentionConv.attend_slots`, the fused op of the language model (compiled, with its
+    eager reference as fallback); it equals ``self.attn(x, edge_index)`` over the mesh's edges.
+    Graphs of up to ``exact_max_nodes`` nodes are searched exactly (the dense backend scores a
+    block of nodes against its whole graph: ``O(N_g^2 d)`` time, ``O(block_size * N_g)`` memory,
+    checked against the memory available; torch-cluster's KD-tree serves low-dimensional states),
+    larger ones by random projection trees (``search="tree"``, :mod:`.approx_search`: ``O(N_g log N_g)``,
+    approximate) unless ``search="exact"``.
 
     Args:
         channels (int): size of each node state (input = output).
@@ -47,21 +53,27 @@ class MeshGPSConv(torch.nn.Module):
             ``"layer_norm"``, ..., or None).
         norm_kwargs (dict, optional): arguments of ``norm``.
         mesh_backend (str): :class:`DynamicMesh` backend (``"auto"``, ``"dense"``, ``"cluster"``).
+        search (str): ``"tree"`` (graphs above ``exact_max_nodes`` approximately) or ``"exact"``.
+        exact_max_nodes (int): largest graph searched exactly by ``search="tree"``.
+        trees (int): projection trees of the tree search (more: higher neighbour recall, proportionally more time).
 
     Shapes:
         input: ``x`` (N, channels), ``edge_index`` (2, E) or any ``Adj`` the conv takes,
-        ``batch`` (N,) sorted (None: one graph). output: (N, channels).
+        ``batch`` (N,) sorted (None: one graph). output: (N, channels); with
+        ``return_attention_weights=True`` also the mesh as ``(edge_index (2, E), alpha (E, heads))``.
     """
 
     def __init__(self, channels: int, conv: Optional[MessagePassing], heads: int = 1, k: int = 16,
                  dropout: float = 0.0, attn_dropout: float = 0.0, act: str = "relu",
                  act_kwargs: Optional[Dict[str, Any]] = None, norm: Optional[str] = "batch_norm",
-                 norm_kwargs: Optional[Dict[str, Any]] = None, mesh_backend: str = "auto"):
+                 norm_kwargs: Optional[Dict[str, Any]] = None, mesh_backend: str = "auto", search: str = "tree",
+                 exact_max_nodes: int = 4096, trees: int = 4):
         super().__init__()
         if channels % heads:
             raise ValueError(f"heads ({heads}) must divide channels ({channels})")
         self.channels, self.conv, self.heads, self.k, self.dropout = channels, conv, heads, k, dropout
-        self.mesh = DynamicMesh(k, causal=False, backend=mesh_backend)
+        self.mesh = DynamicMesh(k, causal=False, backend=mesh_backend, search=search, exact_max_nodes=exact_max_nodes,
+                                trees=trees)
         self.attn = MeshAttentionConv(channels, channels // heads, heads=heads, dropout=attn_dropout, decay=False)
         self.mlp = Sequential(
             Linear(channels, 2 * channels),
@@ -91,14 +103,22 @@ class MeshGPSConv(torch.nn.Module):
             return h
         return norm(h, batch=batch) if self.norm_with_batch else norm(h)
 
-    def forward(self, x: Tensor, edge_index: Adj, batch: OptTensor = None, **kwargs) -> Tensor:
-        mesh_index, _ = self.mesh(x, batch)  # global attention over the kNN mesh of the current states
-        h = F.dropout(self.attn(x, mesh_index), p=self.dropout, training=self.training)
+    def forward(self, x: Tensor, edge_index: Adj, batch: OptTensor = None,
+                return_attention_weights: Optional[bool] = None, **kwargs):
+        with torch.no_grad():  # the search is not differentiated; without autograd its top-k ranks fewer columns
+            mesh = self.mesh.checked_slots(x, batch)  # the kNN mesh of the current states
+        attn = self.attn
+        key, value = attn.project_key_value(x, None)
+        h, alpha = attn.attend_slots(attn.project_query(x, None), key, value, mesh.index, mesh.valid, (None, None))
+        h = F.dropout(h, p=self.dropout, training=self.training)
         out = self.normalize(self.norm2, h + x, batch)
         if self.conv is not None:  # local message passing on the input graph
             h = F.dropout(self.conv(x, edge_index, **kwargs), p=self.dropout, training=self.training)
             out = out + self.normalize(self.norm1, h + x, batch)
-        return self.normalize(self.norm3, out + self.mlp(out), batch)
+        out = self.normalize(self.norm3, out + self.mlp(out), batch)
+        if return_attention_weights:
+            return out, (mesh.edges()[0], alpha[mesh.valid])  # (2, E), (E, heads)
+        return out
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.channels}, conv={self.conv}, heads={self.heads}, k={self.k})"
