@@ -23,7 +23,7 @@ LEAF_ENTRIES = 2 ** 24  # similarity entries per chunk of leaves (64 MiB of floa
 
 def dense_labels(key: Tensor) -> Tensor:
     """A nondecreasing key (M,) renumbered 0, 1, ... in order."""
-    return torch.cat([key.new_zeros(1), (key[1:] != key[:-1]).long().cumsum(0)])
+    return torch.unique_consecutive(key, return_inverse=True)[1]
 
 
 def tree_leaves(proj: Tensor, group: Tensor, leaf_size: int) -> Tuple[Tensor, Tensor]:
