@@ -37,8 +37,9 @@ def run(fn, args):
     return out, alpha, grads
 
 
-def test_compiled_equals_eager_with_gradients(compiled):
-    args = inputs(A=40, N=50)
+@pytest.mark.parametrize("memory_slots", [0, 2])
+def test_compiled_equals_eager_with_gradients(compiled, memory_slots):
+    args = inputs(A=40, N=50) + (memory_slots,)  # memory_slots: the last 2 slots a row's own memory
     ref, got = run(slot_attention, args), run(fused_slot_attention, args)
     assert {"forward", "backward"} <= set(fused._Fused.fns) and fused.compile_enabled()  # it did compile
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)

@@ -131,21 +131,25 @@ class MeshAttentionConv(MessagePassing):
         return self.combine_heads(out.view(-1, self.heads, self.out_channels)), alpha
 
     def attend_slots(self, query: Tensor, key: Tensor, value: Tensor, slot_index: Tensor, slot_valid: Tensor,
-                     pos: Tuple[OptTensor, OptTensor], memory: Optional[Tuple[Tensor, Tensor]] = None
-                     ) -> Tuple[Tensor, Tensor]:
+                     pos: Tuple[OptTensor, OptTensor], memory: Optional[Tuple[Tensor, Tensor]] = None,
+                     memory_slots: int = 0) -> Tuple[Tensor, Tensor]:
         """Fast path over a fixed-degree neighbour table (e.g. :meth:`DynamicMesh.slots`): the same
         attention as :meth:`attend` over the edges ``slot_index[r, s] -> r`` of the valid slots.
 
         ``query`` (A, H, C) of the targets, ``key``/``value`` (N_src, H, C), ``slot_index`` and
         ``slot_valid`` (A, S), ``pos = (pos_src (N_src,), pos_dst (A,))``. ``memory``: keys and
         values (M, H, C) every target also reads (memory anchors: timeless, decay 1), joined to the
-        slots in one softmax. Returns the output (A, width) and alpha (A, S + M, H).
+        slots in one softmax. ``memory_slots = m``: the last ``m`` slots of every row point at memory
+        rows of its own (the anchors of its graph, timeless in ``pos_src``), which together, as the
+        anchor edges of :meth:`attend`, have one neighbour's prior. Returns the output (A, width) and
+        alpha (A, S + M, H).
         """
         pos_src, pos_dst = pos
         decay = self.decay
         out, alpha = fused_slot_attention(query, key, value, slot_index, slot_valid, *(memory or (None, None)),
                                           None if decay is None else decay.decay_scalars, pos_dst, pos_src,
-                                          1 if decay is None else decay.max_seq_len, self.dropout, self.training)
+                                          1 if decay is None else decay.max_seq_len, memory_slots, self.dropout,
+                                          self.training)
         return self.combine_heads(out), alpha
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, t_i: OptTensor, t_j: OptTensor,

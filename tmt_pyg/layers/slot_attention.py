@@ -24,7 +24,8 @@ from .decay import decay_factor
 def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
                  memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
                  decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None, pos_src: Optional[Tensor] = None,
-                 max_seq_len: int = 1, dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                 max_seq_len: int = 1, memory_slots: int = 0, dropout: float = 0.0, training: bool = False
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Softmax attention of targets over their slots, decay after the softmax, then dropout.
 
     ``query`` (A, H, C); ``key``/``value`` (N, H, C); ``index``/``valid`` (A, S) source rows of the
@@ -32,6 +33,8 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
     target also reads, in the same softmax, timeless (decay 1), their logits lowered by ``log M`` (the M
     rows together have one slot's prior weight, as :class:`MeshAttentionConv` gives anchor edges);
     ``decay_rate`` (H,) with ``pos_dst`` (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot.
+    ``memory_slots = m``: the last ``m`` slots of every row are its own memory rows (the anchors of its
+    graph), their logits lowered by ``log m`` like the shared block's (timeless: give them ``pos_src < 0``).
     Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
     softmax before the decay (A, S + M, H).
     """
@@ -40,6 +43,9 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
     scale = 1.0 / math.sqrt(C)
     key_slots = gather_rows(key, index)
     score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~valid.unsqueeze(-1), float("-inf")) * scale  # (A, S, H)
+    if memory_slots:  # a row's memory slots together have one slot's prior, as the shared block below
+        in_memory = torch.arange(S, device=score.device) >= S - memory_slots
+        score = score - torch.where(in_memory, math.log(memory_slots), 0.0).unsqueeze(-1)
     if memory_key is not None:  # the M memory rows together have one slot's prior: logits - log M
         memory_score = pair_sum(query, memory_key, "ahc,mhc->amh") * scale - math.log(memory_key.size(0))
         score = torch.cat([score, memory_score], dim=1)  # (A, S + M, H)
@@ -129,9 +135,10 @@ class FusedSlotAttention(torch.autograd.Function):
     """:func:`slot_forward` (no dropout) and :func:`slot_backward`, each compiled into fused loops."""
 
     @staticmethod
-    def forward(ctx, query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len):
+    def forward(ctx, query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len,
+                memory_slots):
         out, alpha, prob = run_compiled("forward", query, key, value, index, valid, memory_key, memory_value, decay_rate,
-                                        pos_dst, pos_src, max_seq_len)
+                                        pos_dst, pos_src, max_seq_len, memory_slots)
         ctx.save_for_backward(query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob)
         ctx.max_seq_len = max_seq_len
         ctx.set_materialize_grads(False)
@@ -145,7 +152,7 @@ class FusedSlotAttention(torch.autograd.Function):
         grads = run_compiled("backward", grad_out, grad_alpha, query, key, value, index, memory_key, memory_value, decay_rate,
                                  pos_dst, pos_src, ctx.max_seq_len, alpha, prob)
         q, k, v, mk, mv, rate = grads
-        return q, k, v, None, None, mk, mv, rate, None, None, None
+        return q, k, v, None, None, mk, mv, rate, None, None, None, None
 
 
 # inductor's OpenMP loops for these ops lose to one thread (measured on the 2-core dev machine, 16 x 1024 tokens,
@@ -216,14 +223,15 @@ def set_compile(enabled: bool) -> None:
 def fused_slot_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
                          memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
                          decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None,
-                         pos_src: Optional[Tensor] = None, max_seq_len: int = 1, dropout: float = 0.0,
-                         training: bool = False) -> Tuple[Tensor, Tensor]:
+                         pos_src: Optional[Tensor] = None, max_seq_len: int = 1, memory_slots: int = 0,
+                         dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor]:
     """:func:`slot_attention` (same arguments, same results to float tolerance), compiled where
     :func:`compile_enabled`: in training the hand-written :class:`FusedSlotAttention`, whose forward
     saves alpha and the softmax only; without gradients (or with attention dropout, whose random
     weights autograd follows) the compiled forward. Inside a graph that is already being compiled it
     is traced as it is."""
-    inputs = (query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len)
+    inputs = (query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len,
+              memory_slots)
     if torch.compiler.is_compiling() or not compile_enabled():
         return slot_attention(*inputs, dropout, training)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:8])

@@ -24,7 +24,7 @@ class TMTConfig:
     # exact top-k among the route_top best earlier blocks of route_block positions + the own block
     route_block: int = 64  # positions per routing block (mesh_search="routed")
     route_top: int = 4  # earlier blocks every token routes to (mesh_search="routed")
-    message_passing: bool = False  # causal mesh attention as MeshAttentionConv message passing over the mesh's
+    message_passing: bool = False  # mesh attention as MeshAttentionConv message passing over the mesh's
     # PyG edges (the general path) instead of the fused slot op (the fast path): the same attention, slower
     search_heads: int = 0  # heads whose queries and keys the attention-similarity mesh compares (the first
     # search_heads; 0: all): the search's S x S product shrinks by n_heads / search_heads

@@ -157,15 +157,16 @@ class TMTLayer(nn.Module):
         """Attention output of the active rows (active tokens, then every anchor row) by one of four
         paths: causal or bidirectional, over the mesh (built from the states ``h`` (N + R, D)) or dense.
         Attention reads the layer-normed states. ``with_weights``: also the attention as PyG edges (mesh
-        paths). The causal mesh path is the fused slot op, or with ``config.message_passing`` PyG message
-        passing over the mesh edges (the same attention). ``update_anchors``: the anchors' EMA step from
-        this layer's queries (causal layer 0 in training)."""
+        paths). A mesh path is the fused slot op, or with ``config.message_passing`` PyG message passing
+        over the mesh edges (the same attention). ``update_anchors``: the anchors' EMA step from this
+        layer's queries (causal layer 0 in training)."""
         x = self.ln_attn(h)
+        edges = self.config.message_passing
         if self.config.causal:
-            mesh_path = self.causal_edges if self.config.message_passing else self.causal_slots
-            path = self.causal_dense if mesh_search is None else mesh_path
+            path = self.causal_dense if mesh_search is None else self.causal_edges if edges else self.causal_slots
         else:
-            path = self.bidirectional_dense if mesh_search is None else self.bidirectional_edges
+            path = (self.bidirectional_dense if mesh_search is None else
+                    self.bidirectional_edges if edges else self.bidirectional_slots)
         return path(h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors)
 
     def causal_projections(self, h: Tensor, x: Tensor, active_tokens: Tensor, ctx: LayerInput,
@@ -244,15 +245,46 @@ class TMTLayer(nn.Module):
         pairs = ctx.candidate_pairs(active_tokens, True) + A * (1 + R) + R
         return Attended(self.with_anchor_rows(out, value, N), None, None, pairs, 0)
 
+    def bidirectional_slots(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
+        """The fast path, bidirectional: every active token attends to its mesh slots (k neighbours, itself)
+        and the M anchors of its graph in one softmax (the fused slot op); every anchor row reads the active
+        tokens of its graph and itself by message passing (its in-degree is the size of its graph)."""
+        conv, N, A, R = self.attn, ctx.pos.numel(), active_tokens.numel(), ctx.anchor_nodes.numel()
+        search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
+        mesh = mesh_search.slots(h[:N], ctx.tok_batch, None if A == N else active_tokens, ctx.seq_len)
+        key, value = conv.project_key_value(x, ctx.node_pos)
+        pos_q, S, M = ctx.node_pos[mesh.target], mesh.index.size(1), R // ctx.num_graphs
+        index, valid = mesh.index, mesh.valid
+        if R:  # the anchors of the token's graph, after its mesh slots
+            graph_anchors = N + ctx.tok_batch[mesh.target].unsqueeze(1) * M + torch.arange(M, device=h.device)
+            index, valid = torch.cat([index, graph_anchors], 1), F.pad(valid, (0, M), value=True)
+        out, alpha = conv.attend_slots(conv.project_query(x[mesh.target], pos_q), key, value, index, valid,
+                                       (ctx.node_pos, pos_q), memory_slots=M)
+        pairs, attention = A * index.size(1), None
+        if R:  # anchor rows: the token -> anchor edges of the active tokens and the anchors' self edges
+            reads = torch.cat([anchors.edges(active_tokens, ctx.tok_batch[active_tokens], N, causal=False)[:, A * M:],
+                               ctx.anchor_nodes.expand(2, -1)], 1)
+            anchor_out, anchor_alpha = conv.attend(conv.project_query(x[N:], ctx.node_pos[N:]), key, value,
+                                                   torch.stack([reads[0], reads[1] - N]), (ctx.node_pos, ctx.node_pos[N:]))
+            out, pairs = torch.cat([out, anchor_out]), pairs + reads.size(1)
+        if with_weights:  # PyG edges in the order of the PyG path: mesh, anchor -> token, token -> anchor, self
+            edges, weights = [mesh.edges()[0]], [alpha[:, :S][mesh.valid]]
+            if R:
+                edges += [torch.stack([graph_anchors.reshape(-1), mesh.target.repeat_interleave(M)]), reads]
+                weights += [alpha[:, S:].reshape(A * M, -1), anchor_alpha]
+            attention = torch.cat(edges, 1), torch.cat(weights)
+        return Attended(out, attention, mesh, pairs, search_pairs)
+
     def bidirectional_edges(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
-        """Bidirectional mesh: ``MeshAttentionConv`` message passing over the kNN edges plus the anchor edges."""
+        """The PyG path, bidirectional: ``MeshAttentionConv`` message passing over the kNN edges plus the
+        anchor edges; equal to :meth:`bidirectional_slots`."""
         N, A = ctx.pos.numel(), active_tokens.numel()
         search_pairs = self.search_pairs(mesh_search, active_tokens, ctx)
         active = torch.cat([active_tokens, ctx.anchor_nodes])
         mesh = mesh_search.slots(h[:N], ctx.tok_batch, None if A == N else active_tokens, ctx.seq_len)
         edge_global, edge_index = self.layer_edges(mesh.edges()[0], h.size(0), ctx, active_tokens, active, anchors)
         out, (_, alpha) = self.attn((x, x[active]), edge_index, (ctx.node_pos, ctx.node_pos[active]), return_attention_weights=True)
-        return Attended(out, (edge_global, alpha), mesh, edge_index.size(1), search_pairs)
+        return Attended(out, (edge_global, alpha) if with_weights else None, mesh, edge_index.size(1), search_pairs)
 
     def bidirectional_dense(self, h, x, active_tokens, ctx, mesh_search, anchors, with_weights, update_anchors) -> Attended:
         """No mesh, bidirectional: every active row attends to every row of its graph (anchors included)."""
