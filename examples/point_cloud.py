@@ -41,6 +41,7 @@ from torch.utils.data import ConcatDataset
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from torch_geometric.nn import MLP, EdgeConv, global_max_pool, global_mean_pool
+from tqdm.auto import tqdm
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv
 from tmt_pyg.data import dataset_root
@@ -191,13 +192,16 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / len(loader.dataset)
 
 
-def train(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, epochs: int, lr: float) -> Dict:
+def train(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, epochs: int, lr: float,
+          desc: str = "train") -> Dict:
     """Adam with a cosine learning rate to 0 over ``epochs``. Per epoch: mean training loss and
-    accuracy over that epoch's (augmented, dropout-on) batches, and the test accuracy."""
+    accuracy over that epoch's (augmented, dropout-on) batches, and the test accuracy (a progress bar
+    per run, ``desc`` its label)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     curve, train_time = [], 0.0
-    for epoch in range(1, epochs + 1):
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
         model.train()
         start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         for data in train_loader:
@@ -213,6 +217,7 @@ def train(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, e
         train_time += time.perf_counter() - start  # training only: the test pass below is not timed
         curve.append(dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen,
                           test_acc=accuracy(model, test_loader)))
+        bar.set_postfix(loss=f"{curve[-1]['train_loss']:.3f}", test_acc=f"{curve[-1]['test_acc']:.3f}")
     return dict(params=sum(p.numel() for p in model.parameters()), train_time=train_time,
                 epoch_time=train_time / epochs, train_loss=curve[-1]["train_loss"], train_acc=curve[-1]["train_acc"],
                 test_acc=curve[-1]["test_acc"], curve=curve)
@@ -309,7 +314,8 @@ def main(argv=None) -> Dict[str, Dict]:
             model = build()
             train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
             run = dict(seed=seed, threads=torch.get_num_threads(),
-                       **train(model, train_loader, DataLoader(test_set, batch_size=64), args.epochs, args.lr))
+                       **train(model, train_loader, DataLoader(test_set, batch_size=64), args.epochs, args.lr,
+                               desc=f"{slug} seed {seed}"))
             staging = path.with_suffix(".tmp")
             staging.write_text(json.dumps(run, indent=1))
             staging.rename(path)  # atomic: an interrupted write never leaves a run that looks finished
