@@ -82,8 +82,9 @@ def test_speed(tmp_path):
 def test_decode(tmp_path):
     result = run_quick(decode, tmp_path)
     assert {(r["model"], r["B"]) for r in result["rows"]} == {
-        (m, b) for m in ("TMT", "vanilla (TMT decoder)", "GPT-2 (HF generate)") for b in (1, 2)}
-    assert all(finite_positive(r["tokens_per_s"], r["params"]) for r in result["rows"])
+        (m, b) for m in ("TMT", "vanilla (TMT decoder)", "TMT (compiled step)", "vanilla (TMT decoder) (compiled step)",
+                         decode.GPT2, decode.GPT2_STATIC) for b in (1, 2)}
+    assert all(finite_positive(r["tokens_per_s"], r["params"], r["first_call_ms"]) for r in result["rows"])
     assert [c["B"] for c in result["checks"]] == [1, 2] and all(finite_positive(c["ratio"]) for c in result["checks"])
 
 

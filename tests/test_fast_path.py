@@ -84,6 +84,26 @@ def test_window_slots_join_the_knn_slots(backend):
         DynamicMesh(3, causal=False, window=2)
 
 
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("separate_queries", [False, True])
+def test_active_rows_search_equals_the_full_search(window, separate_queries):
+    """Equal lengths with exited rows: the packed search of the active rows gives their rows of the
+    full table, also with blocks smaller than a sequence's active rows and a sequence with none."""
+    x, batch = random_batch([40] * 3, seed=8)
+    query_x = torch.randn_like(x) if separate_queries else None
+    active = torch.rand(120, generator=torch.Generator().manual_seed(9)) < 0.6
+    active[40:80] = False  # the middle sequence has exited entirely
+    target = active.nonzero().view(-1)
+    mesh = DynamicMesh(4, window=window, block_size=8)
+    full = mesh.slots(x, batch, seq_len=40, query_x=query_x)
+    part = mesh.slots(x, batch, query_index=target, seq_len=40, query_x=query_x)
+    flat = mesh.slots(x, batch, query_index=target, query_x=query_x)  # ragged path, same rows
+    assert torch.equal(part.target, target)
+    assert torch.equal(part.index, full.index[target]) and torch.equal(part.valid, full.valid[target])
+    assert torch.equal(part.index, flat.index) and torch.equal(part.valid, flat.valid)
+    assert bool(part.valid[:, :4].any())  # the kNN slots are not all empty
+
+
 def anchor_edge_reference(conv, x, slots, anchor_x, pos):
     """The pre-fast-path formulation: anchors as timeless nodes of the graph, anchor -> token edges
     through the generic MessagePassing path of the same conv."""

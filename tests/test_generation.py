@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from tmt_pyg.models.generation import TMTCache, decode_layer, extend, sample_next
+from tmt_pyg.layers import slot_attention as fused
+from tmt_pyg.models.generation import TMTCache, decode_layer, extend, sample_next, static_extend
 from test_model import CONFIGS, make_model
 
 DECODING = {**CONFIGS,
@@ -64,6 +66,45 @@ def test_layer_step_on_all_tokens_equals_selected_rows(name, n):
             assert all(torch.equal(a, b) for a, b in zip(written, (layer.state, layer.key, layer.value)))
             assert (fired is None) == (fired_selected is None) and (fired is None or torch.equal(fired, fired_selected))
             h = out
+
+
+@pytest.mark.parametrize("name", ["full", "exits-firing", "all-exit", "vanilla", "vanilla-exits", "routed", "window",
+                                  "no-anchors-learned-pos", "dense-decay-anchors"])
+def test_static_step_equals_the_selecting_step(name):
+    """The compilable step (the whole capacity under masks, exited tokens frozen by keeping their
+    state) gives the logits and caches of :func:`extend`, on rows of different lengths, one and then
+    three new tokens at a time."""
+    model = make_model(**DECODING[name])
+    rows = [torch.randint(0, 50, (n,)) for n in (7, 12, 3)]
+    selecting, static = TMTCache(model, rows, capacity=24), TMTCache(model, rows, capacity=24)
+    new = torch.randint(0, 50, (3, 6))
+    for chunk in (slice(0, 1), slice(1, 2), slice(2, 5), slice(5, 6)):
+        expected = extend(model, selecting, new[:, chunk])
+        with torch.no_grad():
+            got = static_extend(model, static, new[:, chunk])
+        static.lengths = static.lengths + got.size(1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(selecting.layers, static.layers):
+        for x, y in ((a.state, b.state), (a.key, b.key), (a.value, b.value)):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_generation_gives_the_same_tokens():
+    """``generate(compiled=True)`` (each step one compiled graph) continues every prompt with the
+    tokens of the eager decoder, with exits firing and rows of different lengths."""
+    model = make_model(**DECODING["exits-firing"])
+    rows = [torch.randint(0, 50, (n,)) for n in (7, 12)]
+    eager = model.generate(rows, 6, temperature=0)
+    fused.set_compile(True)  # the suite runs eagerly (conftest)
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        compiled = model.generate(rows, 6, temperature=0, compiled=True)
+        assert counters["stats"]["unique_graphs"] > graphs  # it did compile
+    finally:
+        fused.set_compile(False)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    with pytest.raises(ValueError, match="without drafting"):
+        model.generate(rows, 2, draft_layers=1, compiled=True)
 
 
 def test_lengths_kept_on_the_host_follow_a_reorder():

@@ -102,6 +102,36 @@ def equal_length_causal_knn(u: Tensor, k: int, block_size: int = 256, window: in
     return torch.cat(index, 1), torch.cat(valid, 1)
 
 
+def active_causal_knn(u: Tensor, k: int, target: Tensor, block_size: int = 256, window: int = 0,
+                      uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`equal_length_causal_knn` of the active rows only: ``target`` (Q,) sorted flat ids into
+    ``u`` (B, S, D). Every sequence's active queries are packed to the front of a (B, W, D) table
+    (W: the most active rows of a sequence), which is searched in blocks of ``block_size`` packed
+    rows against the keys before the block's last query, so the work follows the active rows (no
+    block spans two sequences). Returns node ids (Q, k) and validity (Q, k)."""
+    uq = u if uq is None else uq
+    B, S, _ = u.shape
+    seq, pos = target // S, target % S
+    counts = torch.bincount(seq, minlength=B)
+    rank = torch.arange(target.numel(), device=u.device) - (counts.cumsum(0) - counts)[seq]
+    packed = pos.new_full((B, int(counts.max())), -1)  # position of every packed query (-1: none)
+    packed[seq, rank] = pos
+    rows = torch.arange(B, device=u.device).unsqueeze(1)
+    queries = uq[rows, packed.clamp(min=0)]  # (B, W, D)
+    index, valid = [], []
+    for start in range(0, packed.size(1), block_size):
+        block = packed[:, start:start + block_size]
+        end = max(int(block.max()) - window, 1)  # keys j < pos - window of the block's queries
+        past = torch.arange(end, device=u.device) < (block - window).unsqueeze(-1)  # (B, b, end)
+        sim = torch.baddbmm(torch.zeros(past.shape, dtype=u.dtype, device=u.device).masked_fill(~past, float("-inf")),
+                            queries[:, start:start + block_size], u[:, :end].transpose(1, 2))
+        i, v = top_slots(sim, None, k)
+        index.append(i)
+        valid.append(v)
+    index, valid = torch.cat(index, 1)[seq, rank], torch.cat(valid, 1)[seq, rank]
+    return index + (seq * S).unsqueeze(1), valid
+
+
 def flat_knn(u: Tensor, batch: Tensor, ptr: Tensor, k: int, causal: bool, query: Tensor,
              block_size: int = 256, window: int = 0, uq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Exact kNN on the flat node array (graphs of any lengths, no padding) by blockwise
@@ -298,9 +328,9 @@ class DynamicMesh(torch.nn.Module):
         target = torch.arange(N, device=x.device) if query_index is None else query_index
         backend = self.resolve_backend(x.size(1))
         routed = self.search == "routed"
-        # equal lengths: the static search over every row, unless most rows have exited (then the flat
-        # search of the active rows is cheaper than searching every row and its bookkeeping together)
-        regular = seq_len is not None and (routed or (self.causal and backend == "dense" and 2 * target.numel() > N))
+        # equal lengths: the static search over every row, or of the rows still active (exits)
+        regular = seq_len is not None and (routed or (self.causal and backend == "dense"))
+        active_only = regular and not routed and target.numel() < N
         if not regular or self.window:  # the flat search and the window slots need each graph's start
             if batch is None:
                 batch = torch.arange(N, device=x.device) // (seq_len or N)
@@ -309,13 +339,14 @@ class DynamicMesh(torch.nn.Module):
             index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
         elif routed:
             index, valid = self._routed(u, uq, batch, None if regular else ptr, target, seq_len)
+        elif active_only:
+            index, valid = active_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, target, self.block_size, self.window,
+                                             None if uq is None else uq.view(-1, seq_len, uq.size(1)))
         elif regular:
             pos, valid = equal_length_causal_knn(u.view(-1, seq_len, u.size(1)), self.k, self.block_size, self.window,
                                                  None if uq is None else uq.view(-1, seq_len, uq.size(1)))
             start = torch.arange(0, N, seq_len, device=x.device).view(-1, 1, 1)
             index, valid = (pos + start).view(N, self.k), valid.view(N, self.k)
-            if query_index is not None:  # the rows still active
-                index, valid = index[target], valid[target]
         elif self.causal:
             index, valid = self._exact(u, uq, batch, ptr, target, backend)
         else:

@@ -14,6 +14,7 @@ from ..layers.attention import MeshAttentionConv
 from ..layers.ffn import PackedStreams, dual_stream
 from ..layers.mesh import DynamicMesh, top_slots, window_slots
 from ..layers.rotary import apply_rotary
+from ..layers.slot_attention import CPU_OPTIONS, RECOMPILE_LIMIT, compile_enabled
 from ..layers.routed_search import as_blocks, block_summaries, routed_knn
 from .config import TMTConfig
 from .layer import head_units
@@ -110,12 +111,14 @@ class TMTCache:
         self.source_pos = self.positions.repeat(B)  # position of every cache row
         self.rotation = rotation_table(block.attn, self.positions) if cfg.rope else None
 
-    def step(self, model: Decoder, n: int) -> Step:
-        """The :class:`Step` of ``n`` new tokens per row, built once for all layers."""
-        B, cap = len(self.host_lengths), self.capacity
-        end = max(self.host_lengths) + n
+    def step(self, model: Decoder, n: int, static: bool = False) -> Step:
+        """The :class:`Step` of ``n`` new tokens per row, built once for all layers. ``static``: over the
+        whole capacity, with positions from the device lengths only (shapes that do not change from one
+        step to the next, for the compiled step)."""
+        B, cap = self.lengths.numel(), self.capacity
+        end = cap if static else max(self.host_lengths) + n
         known = self.positions[:end]
-        equal = min(self.host_lengths) == end - n  # rows of one length: positions without index arithmetic
+        equal = not static and min(self.host_lengths) == end - n  # rows of one length: positions without index arithmetic
         pos = known[end - n:].repeat(B) if equal else (self.lengths.unsqueeze(1) + self.positions[:n]).view(-1)  # (B * n,)
         flat = (torch.arange(0, B * cap, cap, device=pos.device).unsqueeze(1) + pos.view(B, n)).view(-1)
         rotation = None if self.rotation is None else tuple(t.index_select(0, pos) for t in self.rotation)
@@ -238,8 +241,42 @@ def residual(block: nn.Module, layer: LayerCache, h: Tensor, attn: Tensor) -> Te
     return out + dual_stream(block.ln_ffn(out), *layer.ffn)
 
 
+def static_extend(model: Decoder, cache: TMTCache, ids: Tensor) -> Tensor:
+    """:func:`extend` through every layer with shapes that stay the same from step to step, so that it
+    compiles into one graph: the new tokens ``ids`` (B, n) read the whole cache capacity under masks,
+    and exited tokens are frozen by keeping their state rather than by selecting the running rows
+    (the same states, caches and logits). Returns logits (B, n, V); the caller advances the lengths."""
+    B, n = ids.shape
+    step = cache.step(model, n, static=True)
+    h = model.wte(ids.reshape(-1)) * model.embed_scale
+    if model.wpe is not None:
+        h = h + model.wpe(step.pos)
+    frozen = None
+    for block, layer in zip(model.blocks, cache.layers):
+        out, fired = decode_layer(model, block, layer, h, step, None)
+        h = out if frozen is None else torch.where(frozen.unsqueeze(1), h, out)
+        if fired is not None:
+            frozen = fired if frozen is None else frozen | fired
+    return model.lm_head(h).view(B, n, -1)
+
+
+_compiled_extend = []  # torch.compile(static_extend), made on first use
+
+
+def compiled_extend(model: Decoder, cache: TMTCache, ids: Tensor) -> Tensor:
+    """:func:`static_extend`, compiled (one graph per model, batch, new tokens per step and capacity;
+    the first step of each pays the compile) where compiling is on, else eager."""
+    if not compile_enabled():
+        return static_extend(model, cache, ids)
+    if not _compiled_extend:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _compiled_extend.append(torch.compile(static_extend, dynamic=False,
+                                              options=CPU_OPTIONS if ids.device.type == "cpu" else None))
+    return _compiled_extend[0](model, cache, ids)
+
+
 @torch.no_grad()
-def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
+def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None, compiled: bool = False) -> Tensor:
     """Run ``ids`` (B, n), the next ``n`` tokens of every cached row; update ``cache``; return logits (B, n, V).
     ``num_layers``: only the first layers, their output through the final norm and head (a draft;
     the later layers' caches are left behind for the full model to rewrite).
@@ -248,7 +285,8 @@ def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[in
     of that layer plus the new tokens before them, attend over the cached keys/values and the
     anchors, and may exit, exactly as in a full forward over the whole sequence (eval mode). Until a
     token exits, every layer runs on all new tokens without selecting rows, and the vanilla model
-    attends with fused ``scaled_dot_product_attention`` over the cache.
+    attends with fused ``scaled_dot_product_attention`` over the cache. ``compiled``: every layer in
+    one compiled graph (:func:`compiled_extend`; not with ``num_layers``).
     """
     cfg = model.config
     B, n = ids.shape
@@ -258,6 +296,11 @@ def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[in
     if end > min(cache.capacity, cfg.max_seq_len):
         raise ValueError(f"sequence of length {end} exceeds max_seq_len={cfg.max_seq_len} or the cache capacity {cache.capacity}")
     check_ids(ids, cfg.vocab_size)  # same id checks as forward
+    if compiled and num_layers is None:
+        logits = compiled_extend(model, cache, ids)
+        cache.lengths = cache.lengths + n
+        cache.last_logits = logits[:, -1]
+        return logits
     step = cache.step(model, n)
     h = model.wte(ids.reshape(-1)) * model.embed_scale
     if model.wpe is not None:
@@ -313,10 +356,13 @@ def check_generate_args(model: Decoder, idx: TokenInput, max_new_tokens: int) ->
 
 @torch.no_grad()
 def generate(model: Decoder, idx: TokenInput, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Union[Tensor, List[Tensor]]:
+             top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+             compiled: bool = False) -> Union[Tensor, List[Tensor]]:
     """Continue every prompt by ``max_new_tokens`` sampled tokens, all rows decoded together.
 
     ``idx``: a (B, S) tensor -> (B, S + new); or a list of 1-D prompts of any lengths -> a list.
+    ``compiled``: every step one compiled graph (:func:`compiled_extend`): the same tokens, less
+    per-step overhead once compiled (the first call per batch size and length compiles, about a minute).
     """
     prompts, ragged, longest = check_generate_args(model, idx, max_new_tokens)
     was_training = model.training
@@ -328,7 +374,7 @@ def generate(model: Decoder, idx: TokenInput, max_new_tokens: int, temperature: 
             token = sample_next(cache.last_logits, temperature, top_k, top_p, generator)  # (B, 1)
             new.append(token)
             if step + 1 < max_new_tokens:
-                extend(model, cache, token)
+                extend(model, cache, token, compiled=compiled)
         new = torch.cat(new, 1) if new else idx.new_zeros(len(prompts), 0) if not ragged else prompts[0].new_zeros(len(prompts), 0)
         if ragged:
             return [torch.cat([p, t]) for p, t in zip(prompts, new)]

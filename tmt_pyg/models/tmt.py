@@ -280,12 +280,16 @@ class TMTModel(nn.Module):
 
     def generate(self, idx: TokenInput, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 draft_layers: Optional[int] = None, draft_tokens: int = 4) -> Union[Tensor, List[Tensor]]:
+                 draft_layers: Optional[int] = None, draft_tokens: int = 4, compiled: bool = False) -> Union[Tensor, List[Tensor]]:
         """Sample ``max_new_tokens`` after each row of ``idx`` ((B, S), or a list of 1-D prompts) with
         per-layer caches. ``draft_layers=E``: self-speculative decoding, ``draft_tokens`` drafted per
-        round by the first E layers and verified by the full model (greedy: the same tokens)."""
+        round by the first E layers and verified by the full model (greedy: the same tokens).
+        ``compiled``: each decoding step one compiled graph (the same tokens; the first call per batch
+        size and length compiles)."""
         if draft_layers is None:
-            return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator)
+            return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, compiled)
+        if compiled:
+            raise ValueError("compiled=True decodes without drafting: pass draft_layers=None")
         return speculative_generate(self, idx, max_new_tokens, draft_layers, draft_tokens, temperature, top_k, top_p, generator)[0]
 
     def num_parameters(self) -> int:
