@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_cause, exit_speed, long_context_lm, long_decode, memory, mesh_backends,  # noqa: E402
-                        recall, search_scaling, shakespeare, slot_core, speculative, speed)
+from benchmarks import (ablation, decode, exit_cause, exit_eval, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
+                        mesh_backends, recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +86,14 @@ def test_decode(tmp_path):
                          decode.GPT2, decode.GPT2_STATIC) for b in (1, 2)}
     assert all(finite_positive(r["tokens_per_s"], r["params"], r["first_call_ms"]) for r in result["rows"])
     assert [c["B"] for c in result["checks"]] == [1, 2] and all(finite_positive(c["ratio"]) for c in result["checks"])
+
+
+def test_exit_eval(tmp_path):
+    result = run_quick(exit_eval, tmp_path)
+    off, at_tau = result["points"].values()
+    assert off["work_fraction"] == 1.0 and 0 < at_tau["work_fraction"] <= 1.0
+    check = result["check"]
+    assert finite_positive(check["time_ratio"]) and check["target"] == at_tau["work_fraction"] + exit_eval.SLACK
 
 
 def test_recall(tmp_path):
