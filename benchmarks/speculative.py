@@ -1,9 +1,9 @@
 """Self-speculative decoding of a trained run: acceptance rate and new tokens/s of greedy decoding
 with the first E layers drafting d tokens per round, against plain greedy decoding of the same model
-(called alternately), prompts from the validation text. Targets (speculative-decoding issue): >= 1.6x
-plain greedy tokens/s at B=1 on the demo model, >= 1.3x at B=8.
+(called alternately), prompts from the validation text. Targets: >= 1.4x plain greedy tokens/s at B=1
+on the demo model (exits-and-decoding issue; the speculative-decoding issue asked 1.6x), >= 1.3x at B=8.
 
-    python -m benchmarks.speculative --run runs/demo/tmt --threads 2
+    python -m benchmarks.speculative --run runs/demo/tmt --threads 2 [--compiled]
 """
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ from tmt_pyg.models.speculative import held_out_prompts, speculative_generate
 from tmt_pyg.train import load_run
 
 NAME = "speculative"
-TARGETS = {1: 1.6, 8: 1.3}
+TARGETS = {1: 1.4, 8: 1.3}  # the exits-and-decoding issue (B=1; the first issue asked 1.6x), B=8: the first issue
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -32,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     parser.add_argument("--new", type=int, default=48, help="new tokens per row (prompt + new <= the model's max_seq_len + 1)")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--draft-layers", type=int, nargs="+", default=None, help="drafting depths E (default: 1 .. L-1)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="every step of plain and speculative decoding a compiled graph (generate(compiled=True))")
     parser.add_argument("--exit-threshold", type=float, default=None,
                         help="exit threshold tau to decode with (default: the checkpoint's; 1.0: no token exits)")
     args = parser.parse_args(argv)
@@ -51,14 +54,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     L, rows, checks = model.config.n_layers, [], []
     for B in args.batch_sizes:
         idx = held_out_prompts(stream, B, args.prompt, args.seed + B)
-        plain = model.generate(idx, args.new, temperature=0)
-        fns = {"plain greedy": lambda: model.generate(idx, args.new, temperature=0)}
+        plain = model.generate(idx, args.new, temperature=0, compiled=args.compiled)
+        fns = {"plain greedy": lambda: model.generate(idx, args.new, temperature=0, compiled=args.compiled)}
         stats = {}
-        for E in range(1, L):
+        for E in args.draft_layers or range(1, L):
             for d in args.draft_tokens:
-                out, stats[(E, d)] = speculative_generate(model, idx, args.new, E, d, temperature=0)
+                out, stats[(E, d)] = speculative_generate(model, idx, args.new, E, d, temperature=0, compiled=args.compiled)
                 assert torch.equal(out, plain), "speculative greedy output differs from plain greedy"
-                fns[(E, d)] = lambda E=E, d=d: speculative_generate(model, idx, args.new, E, d, temperature=0)
+                fns[(E, d)] = lambda E=E, d=d: speculative_generate(model, idx, args.new, E, d, temperature=0,
+                                                                    compiled=args.compiled)
         timing = time_interleaved(fns, args.repeats, warmup=0)
         base = B * args.new / timing["plain greedy"]["median_ms"] * 1e3
         rows.append({"B": B, "draft_layers": None, "draft_tokens": None, "acceptance": None, "tokens_per_s": base, "speedup": 1.0})
@@ -74,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     report = [f"Model: {args.run or 'untrained (quick)'}, {L} layers, d={model.config.d_model}, exit threshold "
               f"{model.config.exit_threshold:g}{'' if model.config.use_exit else ' (no exit gates)'}; prompts of {args.prompt} "
               f"validation tokens, {args.new} new tokens per row, greedy (every speculative output checked equal to "
-              f"plain greedy). Median of {args.repeats} whole generations, all variants called alternately.",
+              f"plain greedy). Median of {args.repeats} whole generations, all variants called alternately"
+              + (", every step (plain, draft, verification) a compiled graph (compiled in an untimed first call)."
+                 if args.compiled else "."),
               markdown_table(["B", "draft layers E", "draft tokens d", "acceptance", "new tokens/s", "vs plain"],
                              [(r["B"], fmt(r["draft_layers"], "{}") or "plain", fmt(r["draft_tokens"], "{}"),
                                fmt(r["acceptance"], "{:.2f}"), r["tokens_per_s"], f"{r['speedup']:.2f}x") for r in rows]),

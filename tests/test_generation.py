@@ -103,8 +103,6 @@ def test_compiled_generation_gives_the_same_tokens():
     finally:
         fused.set_compile(False)
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
-    with pytest.raises(ValueError, match="without drafting"):
-        model.generate(rows, 2, draft_layers=1, compiled=True)
 
 
 def test_lengths_kept_on_the_host_follow_a_reorder():

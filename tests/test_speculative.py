@@ -27,6 +27,9 @@ def test_greedy_speculative_output_is_plain_greedy(name):
         fast, stats = speculative_generate(model, prompts, 20, layers, tokens, temperature=0)
         assert all(torch.equal(a, b) for a, b in zip(plain, fast))
         assert 0 < stats.acceptance < 1  # drafts were both kept and rejected
+        # the compilable steps (run eagerly here: the suite does not compile, see conftest)
+        static, static_stats = speculative_generate(model, prompts, 20, layers, tokens, temperature=0, compiled=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, static)) and static_stats == stats
     ids = torch.stack([p[:3] for p in prompts])
     assert torch.equal(model.generate(ids, 9, temperature=0, draft_layers=2), model.generate(ids, 9, temperature=0))
 

@@ -241,18 +241,19 @@ def residual(block: nn.Module, layer: LayerCache, h: Tensor, attn: Tensor) -> Te
     return out + dual_stream(block.ln_ffn(out), *layer.ffn)
 
 
-def static_extend(model: Decoder, cache: TMTCache, ids: Tensor) -> Tensor:
-    """:func:`extend` through every layer with shapes that stay the same from step to step, so that it
-    compiles into one graph: the new tokens ``ids`` (B, n) read the whole cache capacity under masks,
-    and exited tokens are frozen by keeping their state rather than by selecting the running rows
-    (the same states, caches and logits). Returns logits (B, n, V); the caller advances the lengths."""
+def static_extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
+    """:func:`extend` with shapes that stay the same from step to step, so that it compiles into one
+    graph: the new tokens ``ids`` (B, n) read the whole cache capacity under masks, and exited tokens
+    are frozen by keeping their state rather than by selecting the running rows (the same states,
+    caches and logits). ``num_layers``: the first layers only (a draft). Returns logits (B, n, V); the
+    caller advances the lengths."""
     B, n = ids.shape
     step = cache.step(model, n, static=True)
     h = model.wte(ids.reshape(-1)) * model.embed_scale
     if model.wpe is not None:
         h = h + model.wpe(step.pos)
     frozen = None
-    for block, layer in zip(model.blocks, cache.layers):
+    for block, layer in zip(model.blocks[:num_layers], cache.layers[:num_layers]):
         out, fired = decode_layer(model, block, layer, h, step, None)
         h = out if frozen is None else torch.where(frozen.unsqueeze(1), h, out)
         if fired is not None:
@@ -263,16 +264,16 @@ def static_extend(model: Decoder, cache: TMTCache, ids: Tensor) -> Tensor:
 _compiled_extend = []  # torch.compile(static_extend), made on first use
 
 
-def compiled_extend(model: Decoder, cache: TMTCache, ids: Tensor) -> Tensor:
-    """:func:`static_extend`, compiled (one graph per model, batch, new tokens per step and capacity;
-    the first step of each pays the compile) where compiling is on, else eager."""
+def compiled_extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[int] = None) -> Tensor:
+    """:func:`static_extend`, compiled (one graph per model, batch, new tokens per step, capacity and
+    ``num_layers``; the first step of each pays the compile) where compiling is on, else eager."""
     if not compile_enabled():
-        return static_extend(model, cache, ids)
+        return static_extend(model, cache, ids, num_layers)
     if not _compiled_extend:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _compiled_extend.append(torch.compile(static_extend, dynamic=False,
                                               options=CPU_OPTIONS if ids.device.type == "cpu" else None))
-    return _compiled_extend[0](model, cache, ids)
+    return _compiled_extend[0](model, cache, ids, num_layers)
 
 
 @torch.no_grad()
@@ -285,8 +286,8 @@ def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[in
     of that layer plus the new tokens before them, attend over the cached keys/values and the
     anchors, and may exit, exactly as in a full forward over the whole sequence (eval mode). Until a
     token exits, every layer runs on all new tokens without selecting rows, and the vanilla model
-    attends with fused ``scaled_dot_product_attention`` over the cache. ``compiled``: every layer in
-    one compiled graph (:func:`compiled_extend`; not with ``num_layers``).
+    attends with fused ``scaled_dot_product_attention`` over the cache. ``compiled``: the step as one
+    compiled graph (:func:`compiled_extend`).
     """
     cfg = model.config
     B, n = ids.shape
@@ -296,8 +297,8 @@ def extend(model: Decoder, cache: TMTCache, ids: Tensor, num_layers: Optional[in
     if end > min(cache.capacity, cfg.max_seq_len):
         raise ValueError(f"sequence of length {end} exceeds max_seq_len={cfg.max_seq_len} or the cache capacity {cache.capacity}")
     check_ids(ids, cfg.vocab_size)  # same id checks as forward
-    if compiled and num_layers is None:
-        logits = compiled_extend(model, cache, ids)
+    if compiled:
+        logits = compiled_extend(model, cache, ids, num_layers)
         cache.lengths = cache.lengths + n
         cache.last_logits = logits[:, -1]
         return logits

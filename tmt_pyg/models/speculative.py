@@ -32,7 +32,8 @@ def choose(probs: Optional[Tensor], logits: Tensor, generator: Optional[torch.Ge
 @torch.no_grad()
 def speculative_generate(model: Decoder, idx: TokenInput, max_new_tokens: int, draft_layers: int, draft_tokens: int = 4,
                          temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                         generator: Optional[torch.Generator] = None) -> Tuple[Union[Tensor, List[Tensor]], SpeculativeStats]:
+                         generator: Optional[torch.Generator] = None,
+                         compiled: bool = False) -> Tuple[Union[Tensor, List[Tensor]], SpeculativeStats]:
     """:meth:`TMTModel.generate` with ``draft_tokens`` tokens per round drafted by the first
     ``draft_layers`` layers and verified by the full model in one cache extension.
 
@@ -40,7 +41,9 @@ def speculative_generate(model: Decoder, idx: TokenInput, max_new_tokens: int, d
     Sampling: a draft token ``x`` is kept with probability ``min(1, p(x) / q(x))`` (``p`` the full
     model's filtered distribution, ``q`` the draft's); at the first rejection the row's next token
     is drawn from ``max(0, p - q)`` renormalised, so every token follows the full model's
-    distribution. Rows advance at their own rate. Returns the sequences and the round statistics.
+    distribution. Rows advance at their own rate. ``compiled``: drafts and verifications as compiled
+    steps (:func:`~tmt_pyg.models.generation.compiled_extend`). Returns the sequences and the round
+    statistics.
     """
     L = model.config.n_layers
     if not isinstance(draft_layers, int) or not 1 <= draft_layers < L:
@@ -68,14 +71,14 @@ def speculative_generate(model: Decoder, idx: TokenInput, max_new_tokens: int, d
             start = cache.lengths
             drafts, draft_probs, token = [], [], first
             for _ in range(max(room, 0)):  # the first layers propose, each token from the one before
-                logits = extend(model, cache, token.unsqueeze(1), num_layers=draft_layers)[:, -1]
+                logits = extend(model, cache, token.unsqueeze(1), num_layers=draft_layers, compiled=compiled)[:, -1]
                 q = None if greedy else filtered_probs(logits, temperature, top_k, top_p)
                 token = choose(q, logits, generator)
                 drafts.append(token)
                 draft_probs.append(q)
             cache.lengths = start
             seq = torch.stack([first] + drafts, 1)  # (B, 1 + d)
-            full = extend(model, cache, seq)  # (B, 1 + d, V): full[:, i] predicts the token after seq[:, i]
+            full = extend(model, cache, seq, compiled=compiled)  # (B, 1 + d, V): full[:, i] predicts the token after seq[:, i]
             d = len(drafts)
             if greedy:
                 keep = full[:, :d].argmax(-1) == seq[:, 1:]  # (B, d)

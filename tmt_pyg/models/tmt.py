@@ -284,13 +284,12 @@ class TMTModel(nn.Module):
         """Sample ``max_new_tokens`` after each row of ``idx`` ((B, S), or a list of 1-D prompts) with
         per-layer caches. ``draft_layers=E``: self-speculative decoding, ``draft_tokens`` drafted per
         round by the first E layers and verified by the full model (greedy: the same tokens).
-        ``compiled``: each decoding step one compiled graph (the same tokens; the first call per batch
-        size and length compiles)."""
+        ``compiled``: each decoding step (draft, verification) one compiled graph (the same tokens; the
+        first call per batch size, length and step shape compiles)."""
         if draft_layers is None:
             return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, compiled)
-        if compiled:
-            raise ValueError("compiled=True decodes without drafting: pass draft_layers=None")
-        return speculative_generate(self, idx, max_new_tokens, draft_layers, draft_tokens, temperature, top_k, top_p, generator)[0]
+        return speculative_generate(self, idx, max_new_tokens, draft_layers, draft_tokens, temperature, top_k, top_p,
+                                    generator, compiled)[0]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
