@@ -157,6 +157,13 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
 
 
+def test_work_at_a_ppl_rise_reads_the_tau_curve():
+    run = {"test": {"ppl": 100.0}, "exits": {"curve": [{"work_fraction": 0.8, "ppl": 104.0}, {"work_fraction": 0.9, "ppl": 101.0}]}}
+    assert ablation.work_at_ppl_rise(run) == pytest.approx(0.9 - 0.1 / 3)  # +2 % is crossed between 0.9 and 0.8
+    assert ablation.work_at_ppl_rise(run, rise=0.05) == 0.8  # never crossed: the curve's last point
+    assert ablation.work_at_ppl_rise(run, rise=0.005) == pytest.approx(0.95)  # crossed before the first tau point
+
+
 def test_ablation_word_ppl():
     """Subword losses convert to word PPL through the total NLL: the loss per subword times subwords per word."""
     split = {"ids": torch.zeros(300, dtype=torch.long), "words": 200}
