@@ -303,8 +303,18 @@ def report_table(rows: Dict[str, Dict]) -> str:
 def plot(rows: Dict, results: List[Dict]):
     fig, (bars, work, secs) = new_figure(ncols=3, width=5.0)
     names = list(rows)
-    bars.bar(names, [rows[n]["test_ppl"] for n in names], yerr=[rows[n]["test_ppl_std"] or 0 for n in names])
-    bars.set(ylabel="WikiText-2 test PPL per word", title="rows at equal parameters and tokens")
+    off = [rows[n]["test_ppl_exits_off"] or rows[n]["test_ppl"] for n in names]
+    bars.bar(names, off, yerr=[(rows[n]["test_ppl_exits_off_std"] if rows[n]["test_ppl_exits_off"] else rows[n]["test_ppl_std"]) or 0
+                               for n in names], label="exits off")
+    at_tau = [(i, rows[n]["test_ppl"]) for i, n in enumerate(names) if rows[n]["test_ppl_exits_off"]]
+    if at_tau:
+        bars.scatter(*zip(*at_tau), marker="_", s=300, color="C3", zorder=3, label="at the calibrated τ")
+    if "vanilla" in rows:
+        v, sd = rows["vanilla"]["test_ppl"], rows["vanilla"]["test_ppl_std"] or 0
+        bars.axhspan(v - sd, v + sd, color="0.5", alpha=0.25, lw=0, label="vanilla ± std")
+    bars.set(ylabel="WikiText-2 test PPL per word", title="rows at equal parameters and tokens",
+             ylim=(0.9 * min(off), 1.05 * max(r["test_ppl"] for r in rows.values())))
+    bars.legend(fontsize=7)
     bars.tick_params(axis="x", rotation=45)
     for i, r in enumerate(r for r in results if "exits" in r):
         curve = [{"work_fraction": 1.0, "time_vs_off": 1.0, "ppl": r["test"]["ppl"]}] + r["exits"]["curve"]  # exits off first
