@@ -100,12 +100,9 @@ def test_metrics_plots_and_checkpoint_contents(tmp_path):
 def test_evaluate_recall_accuracy():
     """An oracle that always predicts the next token gets recall 1 and loss ~0; batches never leak across sequences."""
     class Oracle(torch.nn.Module):
-        def forward(self, batch, compute_loss=False):
-            nxt = torch.roll(batch.input_ids, -1)
-            logits = F.one_hot(nxt, 10).float() * 50
-            same = batch.batch[1:] == batch.batch[:-1]
-            lm_loss = F.cross_entropy(logits[:-1][same], batch.input_ids[1:][same])
-            return SimpleNamespace(logits=logits, lm_loss=lm_loss, exit_rate=torch.tensor(0.0), work_fraction=torch.tensor(1.0))
+        def forward(self, batch):
+            logits = F.one_hot(torch.roll(batch.input_ids, -1), 10).float() * 50
+            return SimpleNamespace(logits=logits, exit_rate=torch.tensor(0.0), work_fraction=torch.tensor(1.0))
 
     ids = torch.randint(10, (2, 8))
     batch = tokens_to_batch(ids)
@@ -113,6 +110,27 @@ def test_evaluate_recall_accuracy():
     batch.answer_mask[[3, 8, 12]] = True  # 8 starts sequence 2: nothing predicts it, so it is not scored
     result = evaluate(Oracle(), [batch])
     assert result["recall_acc"] == 1.0 and result["loss"] < 1e-6 and result["targets"] == 14
+
+
+def test_evaluate_scores_the_lm_loss_without_the_training_losses(monkeypatch):
+    """evaluate's loss is the token-weighted LM loss of the forward (ragged batches too), and it computes
+    neither the early-exit loss nor the gate objective (their heads would be timed as evaluation)."""
+    torch.manual_seed(0)
+    model = TMTModel(TMTConfig(vocab_size=20, d_model=32, n_heads=2, n_layers=3, graph_k=4, ffn_stream_dim=32,
+                               memory_anchors=4, max_seq_len=16, exit_loss_weight=0.5, exit_threshold=0.5)).eval()
+    for block in model.blocks[:-1]:  # gates that fire on some tokens
+        torch.nn.init.normal_(block.exit_gate.lin.weight, std=1.0)
+        torch.nn.init.zeros_(block.exit_gate.lin.bias)
+    batches = [tokens_to_batch([torch.randint(20, (n,)) for n in lengths]) for lengths in ((16, 5, 9), (12, 2))]
+    with torch.no_grad():
+        refs = [model(b, compute_loss=True) for b in batches]
+    counts = [int((b.batch[1:] == b.batch[:-1]).sum()) for b in batches]
+    expected = sum(float(r.lm_loss) * n for r, n in zip(refs, counts)) / sum(counts)
+    for name in ("_exit_loss", "_gate_loss"):
+        monkeypatch.setattr(model, name, lambda *a, name=name: pytest.fail(f"evaluate computed {name}"))
+    result = evaluate(model, batches)
+    assert result["targets"] == sum(counts) and result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["work_fraction"] < 1  # the exits acted
 
 
 @pytest.mark.parametrize("apart", [True, False])

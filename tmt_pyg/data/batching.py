@@ -139,3 +139,10 @@ def batch_to_padded(values: Tensor, batch: Tensor, ptr: Tensor, fill: float = 0.
     out = values.new_full((B, S) + tuple(values.shape[1:]), fill)
     out[batch, torch.arange(values.size(0), device=values.device) - ptr[batch]] = values
     return out
+
+
+def next_token_targets(ids: Tensor, batch: Tensor) -> Tensor:
+    """What every row predicts: token ``i + 1`` of the same sequence, -100 (ignored) at each
+    sequence's last row. ``ids``, ``batch``: (N,) -> (N,)."""
+    has_next = torch.cat([batch[1:] == batch[:-1], batch.new_zeros(1, dtype=torch.bool)])
+    return torch.where(has_next, ids.roll(-1), -100)

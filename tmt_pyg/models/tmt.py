@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Batch
 from torch_geometric.nn.dense.linear import Linear as PygLinear
 
-from ..data.batching import TokenInput, check_ids, check_token_batch, pack_tokens
+from ..data.batching import TokenInput, check_ids, check_token_batch, next_token_targets, pack_tokens
 from ..layers.anchors import MemoryAnchors
 from ..layers.exit_gate import consistency_loss, decisiveness_loss, masked_mean
 from ..layers.mesh import DynamicMesh, MeshSlots
@@ -225,10 +225,9 @@ class TMTModel(nn.Module):
         i + 1 of the same sequence; the (N, V) logits are not sliced (the backward of a slice would
         materialise another (N, V) tensor)."""
         cfg, logits = self.config, out.logits
-        has_next = torch.cat([tok_batch[1:] == tok_batch[:-1], tok_batch.new_zeros(1, dtype=torch.bool)])
-        if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool(has_next.any())):
+        target = next_token_targets(ids, tok_batch)
+        if (seq_len is not None and seq_len < 2) or (seq_len is None and not bool((target >= 0).any())):
             raise ValueError("no next-token targets: every sequence has length 1")
-        target = torch.where(has_next, ids.roll(-1), -100)
         out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
         out.gate_loss = self._gate_loss(trace.confidences, trace.gate_states, trace.sample, logits)
         out.exit_loss = self._exit_loss(trace.early, target) if trace.early else logits.new_zeros(())

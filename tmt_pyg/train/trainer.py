@@ -12,10 +12,12 @@ from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..data.batching import next_token_targets
 from .checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import all_reduce, collective, wrap_ddp
 from .plots import plot_metrics, read_metrics
@@ -113,6 +115,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool = False, max_batches: int = 0,
              distributed: bool = False) -> dict:
     """Token-weighted mean next-token loss and PPL over ``loader``, plus exit rate and work fraction.
+    Only the LM loss is computed (from the logits), so that its time is the model's forward.
 
     When batches carry a boolean node field ``answer_mask``, ``recall_acc`` is the fraction of
     answer tokens that the previous row's argmax predicts; otherwise it is None. With
@@ -128,12 +131,12 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
         if max_batches and n_batches >= max_batches:
             break
         batch = batch.to(device)
-        with autocast(device, bf16):
-            out = model(batch, compute_loss=True)
-        same = batch.batch[1:] == batch.batch[:-1]  # row i predicts row i + 1
-        n = int(same.sum())
-        loss_sum += float(out.lm_loss) * n
-        n_targets += n
+        target = next_token_targets(batch.input_ids, batch.batch)
+        with autocast(device, bf16):  # no compute_loss: the training-only losses (early exits, gates) cost heads
+            out = model(batch)
+        loss_sum += float(F.cross_entropy(out.logits.float(), target, ignore_index=-100, reduction="sum"))
+        same = target[:-1] >= 0  # row i predicts row i + 1
+        n_targets += int(same.sum())
         if "answer_mask" in batch:
             answer = batch.answer_mask[1:].bool() & same
             correct = out.logits[:-1].argmax(-1) == batch.input_ids[1:]
