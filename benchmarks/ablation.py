@@ -16,6 +16,7 @@ tables what is finished.
     python -m benchmarks.ablation --sweep --threads 1      # lr sweep of vanilla and full on a short budget
     python -m benchmarks.ablation --threads 1              # the study (about 12 h at one thread; resumes)
     python -m benchmarks.ablation --table-only             # the table, the plots, the interaction
+    python -m benchmarks.ablation --retime --threads 1     # time stale exit runs again (quiet machine)
     python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
 """
 import argparse
@@ -33,8 +34,8 @@ import torch
 
 from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 from tmt_pyg.data import SequenceLoader, load_or_train_bpe, load_text_splits
-from tmt_pyg.train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, read_metrics,
-                           seed_everything)
+from tmt_pyg.train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, load_checkpoint,
+                           read_metrics, seed_everything)
 
 from .common import base_parser, finish, markdown_table, mean_std, new_figure, setup, time_interleaved
 from .wikitext import DEFAULT_DATA
@@ -68,6 +69,10 @@ SWEEP_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 # The sweep's choice (2026-12-03, RESULTS.md: vanilla 893, full 705 val PPL at 8e-3, the best of both), used
 # when its runs are not in --results (they were made before results were tracked, on a machine since gone).
 SWEPT_LR = {"vanilla": 8e-3, "full": 8e-3}
+# Commit 8419df3 (2026-12-04): evaluation stopped computing the training-only losses; exit runs timed
+# before it are timed again by --retime.
+RETIMED_AFTER = 1796390614
+RETIMED_AFTER_NOTE = "commit 8419df3"
 
 
 def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfig]:
@@ -137,29 +142,72 @@ def evaluation(model: TMTModel, loader: SequenceLoader, split: Dict, threshold: 
             "work_fraction": out["work_fraction"], "exit_rate": out["exit_rate"]}
 
 
-def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: int, repeats: int) -> Dict:
-    """An exit row's calibrated tau (validation, +2 %), test metrics along the calibration's
-    thresholds, and the evaluation time at each against exits off (called alternately)."""
-    calib = calibrate_threshold(model, loaders["validation"], 0.02)
-    tau = calib["threshold"] or 1.0
-    taus = sorted({p["threshold"] for p in calib["points"]} | {tau}, reverse=True)
-    timed = SequenceLoader(data["test"]["ids"][:timing_batches * loaders["test"].batch_size * loaders["test"].seq_len],
-                           loaders["test"].seq_len, loaders["test"].batch_size, shuffle=False, drop_last=False)
+def time_thresholds(model: TMTModel, data: Dict, loaders: Dict, taus: List[float], timing_batches: int,
+                    repeats: int) -> Dict:
+    """Evaluation time at each threshold over exits off, called alternately on the first
+    ``timing_batches`` test batches: ``{"ratios": {tau: ratio}, "eval_ms_off": ms, "tokens": n}``."""
+    test = loaders["test"]
+    timed = SequenceLoader(data["test"]["ids"][:timing_batches * test.batch_size * test.seq_len], test.seq_len,
+                           test.batch_size, shuffle=False, drop_last=False)
     fns = {"off": lambda: evaluate_at_threshold(model, timed, None)}
     fns.update({t: (lambda t=t: evaluate_at_threshold(model, timed, t)) for t in taus})
     times = time_interleaved(fns, repeats)
-    curve = [{"tau": t, **evaluation(model, loaders["test"], data["test"], t),
-              "time_vs_off": times[t]["median_ms"] / times["off"]["median_ms"]} for t in taus]
+    return {"ratios": {t: times[t]["median_ms"] / times["off"]["median_ms"] for t in taus},
+            "eval_ms_off": times["off"]["median_ms"], "tokens": timed.windows.numel()}
+
+
+def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: int, repeats: int) -> Dict:
+    """An exit row's calibrated tau (validation, +2 %), test metrics along the calibration's
+    thresholds, and the evaluation time at each against exits off."""
+    calib = calibrate_threshold(model, loaders["validation"], 0.02)
+    tau = calib["threshold"] or 1.0
+    taus = sorted({p["threshold"] for p in calib["points"]} | {tau}, reverse=True)
+    timing = time_thresholds(model, data, loaders, taus, timing_batches, repeats)
+    curve = [{"tau": t, **evaluation(model, loaders["test"], data["test"], t), "time_vs_off": timing["ratios"][t]}
+             for t in taus]
     return {"tau": tau, "at_tau": next(p for p in curve if p["tau"] == tau), "curve": curve,
-            "eval_ms_off": times["off"]["median_ms"], "timing_tokens": timed.windows.numel()}
+            "eval_ms_off": timing["eval_ms_off"], "timing_tokens": timing["tokens"], "timed_at": time.time(),
+            "load_at_timing": os.getloadavg()}
+
+
+def retime(args, cfgs: Dict, data: Dict, loaders: Dict, results: List[Dict]) -> List[str]:
+    """Time again, with the current code, the exit runs timed before ``RETIMED_AFTER`` (whose evaluation
+    also ran the training-only losses, and whose timing shared the machine with the other study lane),
+    from their final checkpoints; the new ratios replace the old in the result files. Returns the names."""
+    done = []
+    for result in results:
+        if "exits" not in result or result["exits"].get("timed_at", 0) >= RETIMED_AFTER:
+            continue
+        name = run_name(result["row"], cfgs[result["row"]], result["lr"], result["seed"], args, data)
+        ckpt = args.runs / name / "checkpoints" / f"step_{args.steps:08d}.pt"
+        if not ckpt.exists():
+            print(f"[ablation] {name}: no final checkpoint at {ckpt}, its old timing stays", flush=True)
+            continue
+        model = TMTModel(cfgs[result["row"]])
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+        exits = result["exits"]
+        timing = time_thresholds(model.eval(), data, loaders, [p["tau"] for p in exits["curve"]], args.timing_batches,
+                                 args.repeats)
+        for point in exits["curve"]:
+            point["time_vs_off"] = timing["ratios"][point["tau"]]
+        exits["at_tau"] = next(p for p in exits["curve"] if p["tau"] == exits["tau"])
+        exits.update(eval_ms_off=timing["eval_ms_off"], timed_at=time.time(), load_at_timing=os.getloadavg())
+        (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"[ablation] {name}: eval time at tau {exits['at_tau']['time_vs_off']:.3f}x exits off", flush=True)
+        done.append(name)
+    return done
+
+
+def run_name(row: str, cfg: TMTConfig, lr: float, seed: int, args, data: Dict) -> str:
+    tag = digest(identity(cfg), lr, args.steps, args.batch_size, args.seq_len, data["vocab_size"])
+    return f"{row.replace(' ', '_')}_seed{seed}_{tag}"
 
 
 def run_once(row: str, cfg: TMTConfig, lr: float, seed: int, data: Dict, args, loaders: Dict,
              final: bool = True, cached_only: bool = False) -> Optional[Dict]:
     """Train one row with one seed, or read its cached result (``cached_only``: None when there is
     none); evaluate it on the validation split and, for a ``final`` run, on the test split."""
-    tag = digest(identity(cfg), lr, args.steps, args.batch_size, args.seq_len, data["vocab_size"])
-    name = f"{row.replace(' ', '_')}_seed{seed}_{tag}"
+    name = run_name(row, cfg, lr, seed, args, data)
     folder, cache = args.runs / name, args.results / f"{name}.json"
     if cache.exists() or cached_only or not claim(folder):
         return json.loads(cache.read_text()) if cache.exists() else None
@@ -195,6 +243,13 @@ def claim(folder: Path) -> bool:
         except (ProcessLookupError, ValueError):
             lock.unlink(missing_ok=True)
             return claim(folder)
+
+
+def cached_results(args, cfgs: Dict, lrs: Dict) -> List[Dict]:
+    """The finished runs of this setup under ``--results`` (other setups' files are ignored)."""
+    return [r for r in (json.loads(p.read_text()) for p in sorted(args.results.glob("*_seed*.json")))
+            if r["row"] in ROWS and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
+            args.steps * args.batch_size * args.seq_len and r["lr"] == lrs[r["row"]]]
 
 
 def plan(args) -> List[tuple]:
@@ -286,6 +341,14 @@ def interaction(rows: Dict[str, Dict], key: str = "test_ppls") -> Optional[Dict]
             "interaction_se": spread}
 
 
+def stale_timing(results: List[Dict]) -> str:
+    """The report's note on exit runs still timed by the evaluation that ran the training-only losses."""
+    stale = [f"{r['row']} seed {r['seed']}" for r in results
+             if "exits" in r and r["exits"].get("timed_at", 0) < RETIMED_AFTER]
+    return (f"; timed before {RETIMED_AFTER_NOTE}, its evaluation also running the training-only losses: "
+            f"{', '.join(stale)}" if stale else "")
+
+
 def report_table(rows: Dict[str, Dict]) -> str:
     def pm(mean, std, fmt="{:.1f}"):
         return fmt.format(mean) + (f" ± {std:.1f}" if std is not None else "")
@@ -349,6 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--timing-batches", type=int, default=8, help="test batches of the timed evaluations")
     parser.add_argument("--sweep", action="store_true", help=f"only the lr sweep ({SWEEP_LRS}) of vanilla and full")
     parser.add_argument("--table-only", action="store_true", help="table the cached runs, train nothing")
+    parser.add_argument("--retime", action="store_true",
+                        help="time again the finished exit runs timed before RETIMED_AFTER (final checkpoints under --runs)")
     args = parser.parse_args(argv)
     info = setup(args)
     size = SIZE
@@ -368,11 +433,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.sweep:
         print(json.dumps({"sweep_val_word_ppl": swept, "best": best}, indent=1))
         return {"sweep": swept, "best": best}
-    if not args.table_only:
+    if not (args.table_only or args.retime):
         study(args, cfgs, lrs, data, loaders)
-    results = [r for r in (json.loads(p.read_text()) for p in sorted(args.results.glob("*_seed*.json")))
-               if r["row"] in ROWS and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
-               args.steps * args.batch_size * args.seq_len and r["lr"] == lrs[r["row"]]]  # other setups are ignored
+    results = cached_results(args, cfgs, lrs)
+    if args.retime and retime(args, cfgs, data, loaders, results):
+        results = cached_results(args, cfgs, lrs)
     rows = summarise(results)
     effect, effect_off = interaction(rows), interaction(rows, "test_ppls_exits_off")
     tokens = args.steps * args.batch_size * args.seq_len
@@ -386,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               f"+2 % loss (the shipped recipe; `work at +2 % PPL`: the work fraction where the test τ curve crosses "
               f"+2 % word PPL over exits off, interpolated); eval time at τ over exits off measured alternately on "
               f"{args.timing_batches} test batches "
-              f"(median of {args.repeats}, {info['torch_threads']} thread). PPL per word: exp(total subword NLL / "
+              f"(median of {args.repeats}, {info['torch_threads']} thread){stale_timing(results)}. PPL per word: exp(total subword NLL / "
               f"{data['test']['words']:,} test words), non-overlapping {args.seq_len}-token windows over the whole "
               f"test split. Seeds {args.seeds} for {' and '.join(MULTI_SEED)} (mean ± std), {args.seeds[0]} for the rest.",
               f"Published level at a similar budget: {REFERENCE}.", report_table(rows)]

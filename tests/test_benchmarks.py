@@ -155,6 +155,18 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert len(cached) == len(ablation.ROWS) + 2, "every finished run keeps its result"
     again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
+    stale = next(p for p in (tmp_path / "ablation_runs" / "results").glob("exit_seed*.json"))
+    run = json.loads(stale.read_text())
+    run["exits"]["timed_at"] = 0  # as if timed before the evaluation fix
+    stale.write_text(json.dumps(run))
+    others = {p: p.read_text() for p in stale.parent.glob("*.json") if p != stale}
+    retimed = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--retime"])
+    run = json.loads(stale.read_text())
+    assert run["exits"]["timed_at"] >= ablation.RETIMED_AFTER, "a stale run is timed again from its final checkpoint"
+    assert all(finite_positive(p["time_vs_off"]) for p in run["exits"]["curve"])
+    assert run["exits"]["at_tau"]["tau"] == run["exits"]["tau"]
+    assert all(p.read_text() == text for p, text in others.items()), "runs timed since the fix are left alone"
+    assert retimed["rows"]["exit"]["test_ppl"] == result["rows"]["exit"]["test_ppl"], "retiming keeps the PPLs"
 
 
 def test_work_at_a_ppl_rise_reads_the_tau_curve():
