@@ -55,12 +55,20 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("gate_loss", ["none", "consistency"])
 def test_loss_equals_tmt_loss(gate_loss):
-    model = hf_model(gate_loss=gate_loss, exit_threshold=0.6)
+    """Training: TMTModel's weighted loss (LM, early-exit, gate); evaluation: the LM loss alone."""
+    model = hf_model(gate_loss=gate_loss, exit_threshold=0.6, exit_loss_weight=0.5)
     ids = torch.randint(0, 50, (2, 16))
     ref = model.tmt(ids, compute_loss=True)
     out = model(ids, labels=ids)
     torch.testing.assert_close(out.logits, ref.logits)
-    torch.testing.assert_close(out.loss, ref.lm_loss if gate_loss == "none" else ref.loss)
+    torch.testing.assert_close(out.loss, ref.lm_loss)
+    model.train()
+    torch.manual_seed(0)  # the consistency objective scores a random subset of tokens
+    ref = model.tmt(ids, compute_loss=True)
+    torch.manual_seed(0)
+    out = model(ids, labels=ids)
+    assert ref.exit_loss.item() > 0 and (gate_loss == "none") == (ref.gate_loss.item() == 0)
+    torch.testing.assert_close(out.loss, ref.loss)
 
 
 def test_padding_and_ignored_labels():

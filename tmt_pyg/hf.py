@@ -112,8 +112,8 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
                 logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """``input_ids`` (B, S) (only the new tokens when ``past_key_values`` is given), ``attention_mask``
         (B, S) or (B, past + S), ``labels`` (B, S) scored HF-style (shifted inside, -100 ignored).
-        ``loss`` = next-token cross-entropy + ``gate_loss_weight`` * the exit-gate objective, as
-        ``TMTModel``'s. Returns ``logits`` (B, S, V), or its last ``logits_to_keep`` columns."""
+        ``loss``: the next-token cross-entropy; in training mode plus the weighted early-exit loss and
+        gate objective of ``TMTModel``'s loss (evaluation computes neither). Returns ``logits`` (B, S, V), or its last ``logits_to_keep`` columns."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.size(0) != input_ids.size(0)
@@ -144,7 +144,8 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
             keep = torch.ones_like(keep[:, -1:])
         else:
             data = tokens_to_batch(rows)
-            out = self.tmt(data, compute_loss=labels is not None)
+            train_losses = labels is not None and self.training
+            out = self.tmt(data, compute_loss=train_losses)
             flat = out.logits  # (N, V), rows concatenated
             if cached:
                 past_key_values = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
@@ -152,7 +153,8 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
                 target = labels[keep]  # (N,) in the order of flat
                 same = data.batch[1:] == data.batch[:-1]  # positions t and t+1 in the same row
                 loss = F.cross_entropy(flat[:-1][same], target[1:][same], ignore_index=-100)
-                loss = loss + self.tmt.config.gate_loss_weight * out.gate_loss
+                if train_losses:  # the training-only terms of TMTModel's loss, as weighted there
+                    loss = loss + out.loss - out.lm_loss
         logits = flat.new_zeros(*keep.shape, flat.size(-1))
         logits[keep] = flat
         return CausalLMOutputWithPast(loss=loss, logits=logits[:, -logits_to_keep:],
