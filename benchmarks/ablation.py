@@ -170,13 +170,18 @@ def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: in
             "load_at_timing": os.getloadavg()}
 
 
+def stale(result: Dict) -> bool:
+    """An exit run timed before ``RETIMED_AFTER``: its evaluation also ran the training-only losses."""
+    return "exits" in result and result["exits"].get("timed_at", 0) < RETIMED_AFTER
+
+
 def retime(args, cfgs: Dict, data: Dict, loaders: Dict, results: List[Dict]) -> List[str]:
     """Time again, with the current code, the exit runs timed before ``RETIMED_AFTER`` (whose evaluation
     also ran the training-only losses, and whose timing shared the machine with the other study lane),
     from their final checkpoints; the new ratios replace the old in the result files. Returns the names."""
     done = []
     for result in results:
-        if "exits" not in result or result["exits"].get("timed_at", 0) >= RETIMED_AFTER:
+        if not stale(result):
             continue
         name = run_name(result["row"], cfgs[result["row"]], result["lr"], result["seed"], args, data)
         ckpt = args.runs / name / "checkpoints" / f"step_{args.steps:08d}.pt"
@@ -316,7 +321,8 @@ def summarise(results: List[Dict]) -> Dict[str, Dict]:
                      "val_ppl": statistics.mean(r["val"]["ppl"] for r in mine),
                      "tau": statistics.mean(r["exits"]["tau"] for r in mine) if "exits" in mine[0] else None,
                      "work_fraction": statistics.mean(a["work_fraction"] for a in at),
-                     "eval_time_vs_off": (statistics.mean(r["exits"]["at_tau"]["time_vs_off"] for r in mine)
+                     "eval_time_vs_off": (statistics.mean(r["exits"]["at_tau"]["time_vs_off"]
+                                                          for r in ([r for r in mine if not stale(r)] or mine))
                                           if "exits" in mine[0] else None),
                      "work_at_2pct": statistics.mean(work_at_ppl_rise(r) for r in mine) if "exits" in mine[0] else None,
                      "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60}
@@ -343,10 +349,9 @@ def interaction(rows: Dict[str, Dict], key: str = "test_ppls") -> Optional[Dict]
 
 def stale_timing(results: List[Dict]) -> str:
     """The report's note on exit runs still timed by the evaluation that ran the training-only losses."""
-    stale = [f"{r['row']} seed {r['seed']}" for r in results
-             if "exits" in r and r["exits"].get("timed_at", 0) < RETIMED_AFTER]
-    return (f"; timed before {RETIMED_AFTER_NOTE}, its evaluation also running the training-only losses: "
-            f"{', '.join(stale)}" if stale else "")
+    old = [f"{r['row']} seed {r['seed']}" for r in results if stale(r)]
+    return (f"; timed before {RETIMED_AFTER_NOTE}, its evaluation also running the training-only losses, and left "
+            f"out of the row's mean time where the row has seeds timed since: {', '.join(old)}" if old else "")
 
 
 def report_table(rows: Dict[str, Dict]) -> str:
