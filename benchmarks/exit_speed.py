@@ -49,35 +49,40 @@ def forced_exits(model: TMTModel, exit_index: torch.Tensor, num_tokens: int):
             handle.remove()
 
 
-def measure(model: TMTModel, ids: torch.Tensor, args, generator: torch.Generator) -> List[Dict]:
-    """One row per exit fraction; the fractions are timed alternately."""
-    N, L = ids.numel(), model.config.n_layers
+def measure(models: Dict[str, TMTModel], ids: torch.Tensor, args, generator: torch.Generator) -> Dict[str, List[Dict]]:
+    """Per model, one row per exit fraction; every (model, fraction) pair is timed alternately with all the others."""
+    N, L = ids.numel(), next(iter(models.values())).config.n_layers
     subsets = {f: torch.randperm(N, generator=generator)[:round(f * N)] for f in FRACTIONS}
 
-    def forward(fraction):
-        with forced_exits(model, subsets[fraction], N):
-            return model(ids)
+    def forward(name, fraction):
+        with forced_exits(models[name], subsets[fraction], N):
+            return models[name](ids)
 
-    rows = []
+    results = {}
     with torch.no_grad():
-        for f, subset in subsets.items():
-            out, exited = forward(f), subset.numel()
-            expected = [N] + [N - exited] * (L - 1)
-            assert out.rows_processed.tolist() == expected, f"rows {out.rows_processed.tolist()} != {expected}"
-            assert int(out.exit_masks[1].sum()) == exited
-            sources = out.graph_edges[0][0]
-            rows.append({"exit_fraction": f, "exited_tokens": exited, "flops": out.flops,
-                         "rows_processed": out.rows_processed.tolist(),
-                         "ideal_row_ratio": (1 + (L - 1) * (1 - f)) / L,
-                         "last_layer_key_rows_used": int(sources[sources < N].unique().numel())})
-        timing = time_interleaved({f: (lambda f=f: forward(f)) for f in FRACTIONS}, args.repeats, args.warmup)
-    for row in rows:
-        t = timing[row["exit_fraction"]]
-        row.update(median_ms=t["median_ms"], min_ms=t["min_ms"], runs_ms=t["runs_ms"])
-        row["time_ratio"] = row["median_ms"] / timing[0.0]["median_ms"]
-        row["min_time_ratio"] = row["min_ms"] / timing[0.0]["min_ms"]
-        row["flop_ratio"] = row["flops"] / rows[0]["flops"]
-    return rows
+        for name in models:
+            rows = []
+            for f, subset in subsets.items():
+                out, exited = forward(name, f), subset.numel()
+                expected = [N] + [N - exited] * (L - 1)
+                assert out.rows_processed.tolist() == expected, f"rows {out.rows_processed.tolist()} != {expected}"
+                assert int(out.exit_masks[1].sum()) == exited
+                sources = out.graph_edges[0][0]
+                rows.append({"exit_fraction": f, "exited_tokens": exited, "flops": out.flops,
+                             "rows_processed": out.rows_processed.tolist(),
+                             "ideal_row_ratio": (1 + (L - 1) * (1 - f)) / L,
+                             "last_layer_key_rows_used": int(sources[sources < N].unique().numel())})
+            results[name] = rows
+        timing = time_interleaved({(name, f): (lambda name=name, f=f: forward(name, f)) for name in models for f in FRACTIONS},
+                                  args.repeats, args.warmup)
+    for name, rows in results.items():
+        for row in rows:
+            t, t0 = timing[name, row["exit_fraction"]], timing[name, 0.0]
+            row.update(median_ms=t["median_ms"], min_ms=t["min_ms"], runs_ms=t["runs_ms"])
+            row["time_ratio"] = row["median_ms"] / t0["median_ms"]
+            row["min_time_ratio"] = row["min_ms"] / t0["min_ms"]
+            row["flop_ratio"] = row["flops"] / rows[0]["flops"]
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -96,21 +101,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                 "anchors off": replace(base, use_anchors=False)}
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, base.vocab_size, (1, S), generator=generator).to(args.device)
-    results, report, profiles = {}, [], {}
-    for name, cfg in variants.items():
-        model = TMTModel(cfg).eval().to(args.device)
-        results[name] = measure(model, ids, args, generator)
-        if name == next(iter(variants)):  # where does the time go, without and with exits
-            labels = model_labels(model)
-            for f in (0.0, TARGET_FRACTION):
-                exit_index = torch.randperm(S, generator=generator)[:round(f * S)]
-                with forced_exits(model, exit_index, S), torch.no_grad():
-                    profiles[f"{f:.0%} exited"] = profile_breakdown(lambda: model(ids), labels, runs=1 if args.quick else 3)
+    report, profiles = [], {}
+    models = {name: TMTModel(cfg).eval().to(args.device) for name, cfg in variants.items()}
+    results = measure(models, ids, args, generator)
+    model = next(iter(models.values()))  # where does the time go, without and with exits
+    labels = model_labels(model)
+    for f in (0.0, TARGET_FRACTION):
+        exit_index = torch.randperm(S, generator=generator)[:round(f * S)]
+        with forced_exits(model, exit_index, S), torch.no_grad():
+            profiles[f"{f:.0%} exited"] = profile_breakdown(lambda: model(ids), labels, runs=1 if args.quick else 3)
 
     cfg_text = (f"B=1, S={S}, d={base.d_model}, {base.n_layers} layers, {base.n_heads} heads, k={base.graph_k}, "
                 f"{base.memory_anchors} anchors, ffn_stream_dim={base.ffn_stream_dim}, mesh backend "
                 f"`{base.mesh_backend}`, eval mode, no grad")
-    report.append(f"{cfg_text}; median of {args.repeats} forwards (the exit fractions called alternately) after "
+    report.append(f"{cfg_text}; median of {args.repeats} forwards (every variant and exit fraction called alternately) after "
                   f"{args.warmup} warm-up. `ideal (rows)` = fraction of layer-token rows still processed, the ratio a "
                   f"cost exactly proportional to the active rows would give.")
     for name, rows in results.items():
