@@ -156,6 +156,11 @@ def time_thresholds(model: TMTModel, data: Dict, loaders: Dict, taus: List[float
             "eval_ms_off": times["off"]["median_ms"], "tokens": timed.windows.numel()}
 
 
+def timing_record(timing: Dict) -> Dict:
+    """What an exit run keeps of a :func:`time_thresholds` call besides the ratios: when, and under what load."""
+    return {"eval_ms_off": timing["eval_ms_off"], "timed_at": time.time(), "load_at_timing": os.getloadavg()}
+
+
 def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: int, repeats: int) -> Dict:
     """An exit row's calibrated tau (validation, +2 %), test metrics along the calibration's
     thresholds, and the evaluation time at each against exits off."""
@@ -166,8 +171,7 @@ def exit_measures(model: TMTModel, loaders: Dict, data: Dict, timing_batches: in
     curve = [{"tau": t, **evaluation(model, loaders["test"], data["test"], t), "time_vs_off": timing["ratios"][t]}
              for t in taus]
     return {"tau": tau, "at_tau": next(p for p in curve if p["tau"] == tau), "curve": curve,
-            "eval_ms_off": timing["eval_ms_off"], "timing_tokens": timing["tokens"], "timed_at": time.time(),
-            "load_at_timing": os.getloadavg()}
+            "timing_tokens": timing["tokens"], **timing_record(timing)}
 
 
 def stale(result: Dict) -> bool:
@@ -196,7 +200,7 @@ def retime(args, cfgs: Dict, data: Dict, loaders: Dict, results: List[Dict]) -> 
         for point in exits["curve"]:
             point["time_vs_off"] = timing["ratios"][point["tau"]]
         exits["at_tau"] = next(p for p in exits["curve"] if p["tau"] == exits["tau"])
-        exits.update(eval_ms_off=timing["eval_ms_off"], timed_at=time.time(), load_at_timing=os.getloadavg())
+        exits.update(timing_record(timing))
         (args.results / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"[ablation] {name}: eval time at tau {exits['at_tau']['time_vs_off']:.3f}x exits off", flush=True)
         done.append(name)
