@@ -58,21 +58,19 @@ def measure(models: Dict[str, TMTModel], ids: torch.Tensor, args, generator: tor
         with forced_exits(models[name], subsets[fraction], N):
             return models[name](ids)
 
-    results = {}
+    def checked_row(name, f):
+        """One forward's counted work, checked against the forced exits."""
+        out, exited = forward(name, f), subsets[f].numel()
+        expected = [N] + [N - exited] * (L - 1)
+        assert out.rows_processed.tolist() == expected, f"rows {out.rows_processed.tolist()} != {expected}"
+        assert int(out.exit_masks[1].sum()) == exited
+        sources = out.graph_edges[0][0]
+        return {"exit_fraction": f, "exited_tokens": exited, "flops": out.flops, "rows_processed": expected,
+                "ideal_row_ratio": (1 + (L - 1) * (1 - f)) / L,
+                "last_layer_key_rows_used": int(sources[sources < N].unique().numel())}
+
     with torch.no_grad():
-        for name in models:
-            rows = []
-            for f, subset in subsets.items():
-                out, exited = forward(name, f), subset.numel()
-                expected = [N] + [N - exited] * (L - 1)
-                assert out.rows_processed.tolist() == expected, f"rows {out.rows_processed.tolist()} != {expected}"
-                assert int(out.exit_masks[1].sum()) == exited
-                sources = out.graph_edges[0][0]
-                rows.append({"exit_fraction": f, "exited_tokens": exited, "flops": out.flops,
-                             "rows_processed": out.rows_processed.tolist(),
-                             "ideal_row_ratio": (1 + (L - 1) * (1 - f)) / L,
-                             "last_layer_key_rows_used": int(sources[sources < N].unique().numel())})
-            results[name] = rows
+        results = {name: [checked_row(name, f) for f in FRACTIONS] for name in models}
         timing = time_interleaved({(name, f): (lambda name=name, f=f: forward(name, f)) for name in models for f in FRACTIONS},
                                   args.repeats, args.warmup)
     for name, rows in results.items():
