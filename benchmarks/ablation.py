@@ -37,8 +37,7 @@ from tmt_pyg.data import SequenceLoader, load_or_train_bpe, load_text_splits
 from tmt_pyg.train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, load_checkpoint,
                            read_metrics, seed_everything)
 
-from .common import base_parser, finish, markdown_table, mean_std, new_figure, setup, time_interleaved
-from .wikitext import DEFAULT_DATA
+from .common import DATA_DIR, base_parser, finish, markdown_table, mean_std, new_figure, setup, time_interleaved
 
 NAME = "ablation"
 PARTS = ("use_mesh", "use_decay", "use_exit", "use_anchors", "dual_stream")
@@ -405,7 +404,7 @@ def plot(rows: Dict, results: List[Dict]):
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR / "wikitext-2")
     parser.add_argument("--runs", type=Path, default=Path("runs/ablation_bpe"), help="checkpoints of unfinished runs")
     parser.add_argument("--results", type=Path, default=Path("docs/results/ablation_runs"),
                         help="finished runs' results (tracked, so the study resumes on a fresh clone)")

@@ -19,6 +19,7 @@ from tmt_pyg.layers.mesh import import_torch_cluster
 from tmt_pyg.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # the corpora beside the checkout (wikitext-2, ...)
 
 
 def base_parser(description: str, repeats: int = 5, device: bool = False) -> argparse.ArgumentParser:

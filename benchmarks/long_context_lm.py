@@ -32,10 +32,9 @@ from tmt_pyg.models.layer import head_units
 from tmt_pyg.train import TrainConfig, Trainer, evaluate, load_checkpoint
 from tmt_pyg.train.trainer import read_metrics
 
-from .common import base_parser, finish, markdown_table, mean_std, new_figure, run_study, seed_groups, setup
+from .common import DATA_DIR, base_parser, finish, markdown_table, mean_std, new_figure, run_study, seed_groups, setup
 
 NAME = "long_context_lm"
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, max_seq_len=2048)
 ROWS = ("vanilla", "tmt-exact", "tmt-routed")
 ROUTE_TOPS = (2, 4, 8)
@@ -92,7 +91,8 @@ def mesh_recall(model: TMTModel, ids: torch.Tensor, route_tops: Sequence[int]) -
     node_pos = torch.cat([pos, pos.new_full((out.hidden_states[0].size(0) - N,), -1)])  # anchor rows: timeless
 
     def mesh(search: str, top: int = 1) -> DynamicMesh:
-        return DynamicMesh(cfg.graph_k, window=cfg.mesh_window, search=search, route_block=cfg.route_block, route_top=top)
+        return DynamicMesh(cfg.graph_k, causal=True, window=cfg.mesh_window, search=search, route_block=cfg.route_block,
+                           route_top=top)
 
     recall = {str(top): [] for top in route_tops}
     for layer, (block, h) in enumerate(zip(model.blocks, out.hidden_states)):

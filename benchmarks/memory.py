@@ -1,7 +1,6 @@
 """Peak memory of one training step (forward + backward + AdamW step, B=1) against the sequence
 length, TMT against a vanilla transformer (SDPA). Every measurement runs in a fresh child process.
-Target (issue 6): TMT peak at S=16384 <= 20x its peak at S=1024; the routed-search issue: the routed
-TMT's step peak at S=16384 <= vanilla's.
+Targets: TMT's peak at S=16384 <= 20x its peak at S=1024; the routed TMT's step peak at S=16384 <= vanilla's.
 
 CPU: the child builds the model, optimizer and input, resets its peak-RSS mark
 (``/proc/self/clear_refs``; fallback ``getrusage(RUSAGE_SELF).ru_maxrss``), runs the step and reports

@@ -37,8 +37,9 @@ def search_times(S: int, tokens: int, cfg: TMTConfig, args, generator: torch.Gen
     D / H dimensions, routed; median ms."""
     B, D, C = max(1, tokens // S), cfg.d_model, cfg.d_model // cfg.n_heads
     keys, queries = (F.normalize(torch.randn(B * S, D, generator=generator), dim=-1) for _ in range(2))
-    exact = DynamicMesh(cfg.graph_k, window=cfg.mesh_window, backend="dense")
-    routed = DynamicMesh(cfg.graph_k, window=cfg.mesh_window, search="routed", route_block=cfg.route_block, route_top=cfg.route_top)
+    exact = DynamicMesh(cfg.graph_k, causal=True, window=cfg.mesh_window, backend="dense")
+    routed = DynamicMesh(cfg.graph_k, causal=True, window=cfg.mesh_window, search="routed", route_block=cfg.route_block,
+                         route_top=cfg.route_top)
     searches = {"exact": lambda: exact.slots(keys, seq_len=S, query_x=queries),
                 "exact, 1 head": lambda: exact.slots(keys[:, :C], seq_len=S, query_x=queries[:, :C]),
                 "routed": lambda: routed.slots(keys, seq_len=S, query_x=queries)}

@@ -6,8 +6,8 @@ Rows, at equal tokens (2000 x 12 x 64):
 
 * ``vanilla``: fused-SDPA transformer, MLP width matched to the TMT's parameter count; ``vanilla-{1,2,3}L``:
   the same with fewer layers (the equal-compute baselines exits must beat);
-* ``tmt-pure``: TMT with the seed's mesh (kNN over states), no exits; ``tmt-mesh``: TMT with the
-  attention-similarity mesh + window 8, no exits (the recall issue's LM check); ``tmt-mesh-1h``: the same
+* ``tmt-pure``: TMT with the original state-similarity mesh (kNN over states, no window), no exits;
+  ``tmt-mesh``: TMT with the attention-similarity mesh + window 8, no exits; ``tmt-mesh-1h``: the same
   mesh searched on one head's queries and keys (``search_heads=1``: a search 4x narrower);
 * ``tmt-exit``: ``tmt-mesh`` plus exit gates trained by the recipe: early-exit LM loss for the trunk
   (weight 0.5), detached gates clipped apart from the trunk. Its threshold is calibrated on the first

@@ -26,8 +26,8 @@ finished (dataset, model, split) is saved as JSON under ``--out``, named by a di
 that shape the result (width, depth, lr, epochs, k, ...), so a rerun continues where one stopped, runs
 at other settings sit beside it, and each dataset's table is ``--out/<dataset>/summary-<digest>.json``.
 
-The datasets are read from ``../shared/data/heterophilous`` (copied to ``~/.cache/tmt_pyg`` once, or
-wherever ``--cache-dir`` says); PyG downloads Minesweeper and Tolokers when no local copy exists.
+The datasets are read from a local copy at ``--data-dir``/heterophilous (default ``$TMT_DATA_DIR``),
+copied to ``~/.cache/tmt_pyg`` once (or ``--cache-dir``); without one PyG downloads Minesweeper and Tolokers.
 
     python examples/heterophily.py --threads 1                            # all datasets, default models, 10 splits
     python examples/heterophily.py --datasets tolokers --splits 0 1 --epochs 100 --eval-every 5
@@ -248,7 +248,7 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     p.add_argument("--splits", nargs="+", type=int, default=list(range(10)), help="which of the 10 given splits")
     p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
-    p.add_argument("--data-dir", help="folder holding heterophilous/*/raw (default: $TMT_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", help="folder holding heterophilous/*/raw (default: $TMT_DATA_DIR; none: PyG downloads)")
     p.add_argument("--cache-dir", help="writable copy of the datasets (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
     p.add_argument("--out", default="runs/heterophily", help="one JSON per finished (dataset, model, split)")
     p.add_argument("--hidden", type=int, default=64, help="width of every model (the paper: 512)")

@@ -13,8 +13,8 @@ Baselines run at their papers' settings (GCN: 2 layers, 16 hidden, dropout 0.5, 
 heads x 8, dropout 0.6, lr 0.005; weight decay 5e-4); every model trains 200 epochs and reports the
 test accuracy at its best validation accuracy, mean ± std over seeds.
 
-Cora is read from ``../shared/data/planetoid`` (copied to ``~/.cache/tmt_pyg`` once, or wherever
-``--cache-dir`` says) and downloaded by PyG when no local copy exists. ``--dataset sbm`` runs the
+Cora is downloaded by PyG, or read from a local copy at ``--data-dir``/planetoid (default
+``$TMT_DATA_DIR``) on machines without network, copied to ``~/.cache/tmt_pyg`` once (or ``--cache-dir``). ``--dataset sbm`` runs the
 generated stochastic block model instead.
 
     python examples/node_classification.py                     # Cora, 10 seeds: mesh nets, GCN, GAT
@@ -277,7 +277,7 @@ def main(argv=None) -> Dict[str, Dict]:
                    default=["mesh", "mesh_gate", "gcn", "gat", "gat_mesh"],
                    help="gps, mesh_gps: the graph transformers (dense GPSConv takes minutes per run on Cora on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
-    p.add_argument("--data-dir", help="folder holding planetoid/Cora/raw (default: $TMT_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", help="folder holding planetoid/Cora/raw (default: $TMT_DATA_DIR; none: PyG downloads Cora)")
     p.add_argument("--cache-dir", help="writable copy of the dataset (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
     p.add_argument("--hidden", type=int, default=64, help="width of the mesh net and the graph transformers")
     p.add_argument("--k", type=int, default=8, help="mesh neighbours per node")

@@ -1,8 +1,8 @@
 """Point-cloud shape classification: DynamicMesh + MeshAttentionConv next to DGCNN (EdgeConv).
 
 Default data: PyG's GeometricShapes (40 classes of 2-D/3-D meshes, one training and one test mesh
-each), read from ``../shared/data/geometric_shapes`` (copied to ``~/.cache/tmt_pyg`` once; PyG
-downloads it when no local copy exists). As PyG users do, ``SamplePoints`` draws a fresh point cloud
+each), downloaded by PyG or read from a local copy at ``--data-dir``/geometric_shapes (default
+``$TMT_DATA_DIR``; copied to ``~/.cache/tmt_pyg`` once). As PyG users do, ``SamplePoints`` draws a fresh point cloud
 from each mesh surface at every access; training clouds are also randomly rotated (up to 15 degrees
 about each axis) and scaled, and every epoch sees ``--repeat`` samples of each training mesh. The
 test set is ``--repeat`` samples of each test mesh, drawn with a fixed seed.
@@ -263,7 +263,7 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--dataset", choices=("geometric_shapes", "generated"), default="geometric_shapes")
     p.add_argument("--modelnet", metavar="PATH", help="use a local ModelNet10 instead")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
-    p.add_argument("--data-dir", help="folder holding geometric_shapes/raw (default: $TMT_DATA_DIR or ../shared/data)")
+    p.add_argument("--data-dir", help="folder holding geometric_shapes/raw (default: $TMT_DATA_DIR; none: PyG downloads)")
     p.add_argument("--cache-dir", help="writable copy of the dataset (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
     p.add_argument("--points", type=int, default=256, help="points per cloud")
     p.add_argument("--repeat", type=int, default=4, help="GeometricShapes: samples of each mesh per epoch / in the test set")

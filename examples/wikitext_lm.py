@@ -2,9 +2,9 @@
 files offline, the hub online), train a TMT with the project's Trainer, report word-level test
 perplexity with the work the exit gates saved, and sample a continuation with per-layer caches.
 
-    python examples/wikitext_lm.py --data-dir ../shared/data/wikitext-2     # offline, ~15 min on 2 cores
+    python examples/wikitext_lm.py --data-dir path/to/wikitext-2           # offline, ~15 min on 2 cores
     python examples/wikitext_lm.py                                           # online: wikitext-2-v1 from the hub
-    python examples/wikitext_lm.py --quick --data-dir ../shared/data/wikitext-2   # tiny (tests)
+    python examples/wikitext_lm.py --quick --data-dir path/to/wikitext-2     # tiny (tests)
 """
 import argparse
 from typing import Dict

@@ -81,7 +81,7 @@ def test_small_graphs_stay_exact_and_errors():
     assert torch.equal(tree.slots(x, batch).index, DynamicMesh(4, causal=False, backend="dense").slots(x, batch).index)
     assert str(tree) == "DynamicMesh(k=4, causal=False, backend='dense', search='tree', exact_max_nodes=120, trees=4, leaf_size=16)"
     with pytest.raises(ValueError, match="needs a bidirectional mesh"):
-        DynamicMesh(4, search="tree")
+        DynamicMesh(4, search="tree", causal=True)
     with pytest.raises(ValueError, match="leaf_size \\(4\\) must exceed k \\(4\\)"):
         DynamicMesh(4, causal=False, search="tree", leaf_size=4)
     with pytest.raises(ValueError, match="trees must be an integer >= 1"):

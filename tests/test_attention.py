@@ -14,7 +14,7 @@ def test_conv_equals_dense_reference(decay, rotary):
     batch = torch.tensor([0] * 25 + [1] * 15)
     pos = torch.cat([torch.arange(25), torch.arange(15)])
     pos[-2:] = -1  # two timeless nodes (anchors)
-    edge_index, _ = DynamicMesh(5)(x, batch)
+    edge_index, _ = DynamicMesh(5, causal=True)(x, batch)
     conv = MeshAttentionConv(32, 8, heads=4, decay=decay, rotary=rotary, max_seq_len=16).eval()
     with torch.no_grad():
         conv.decay is not None and conv.decay.omega.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
@@ -24,8 +24,8 @@ def test_conv_equals_dense_reference(decay, rotary):
 
 def test_attention_weights_shape_and_range():
     x = torch.randn(12, 16)
-    edge_index, _ = DynamicMesh(3)(x)
-    conv = MeshAttentionConv(16, 4, heads=2)
+    edge_index, _ = DynamicMesh(3, causal=True)(x)
+    conv = MeshAttentionConv(16, 4, heads=2, decay=True)
     out, (ei, alpha) = conv(x, edge_index, torch.arange(12), return_attention_weights=True)
     assert out.shape == (12, 8)
     assert torch.equal(ei, edge_index)
@@ -36,9 +36,9 @@ def test_attention_weights_shape_and_range():
 
 
 def test_repr():
-    conv = MeshAttentionConv(16, 4, heads=2)
+    conv = MeshAttentionConv(16, 4, heads=2, decay=True)
     assert str(conv) == "MeshAttentionConv(16, 4, heads=2, decay=True, rotary=False)"
-    assert str(DynamicMesh(8)) == "DynamicMesh(k=8, causal=True, backend='auto')"
+    assert str(DynamicMesh(8, causal=True)) == "DynamicMesh(k=8, causal=True, backend='auto')"
     assert str(TemporalDecay(2, 1.5, 64)) == "TemporalDecay(heads=2, decay_rate=1.5, max_seq_len=64)"
 
 
@@ -67,8 +67,8 @@ def test_empty_edge_set_and_bipartite():
 
 def test_gradients_reach_every_parameter():
     x = torch.randn(20, 16, requires_grad=True)
-    conv = MeshAttentionConv(16, 4, heads=2, rotary=True)
-    edge_index, _ = DynamicMesh(4)(x)
+    conv = MeshAttentionConv(16, 4, heads=2, rotary=True, decay=True)
+    edge_index, _ = DynamicMesh(4, causal=True)(x)
     conv(x, edge_index, torch.arange(20)).square().sum().backward()
     for name, p in conv.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
@@ -76,8 +76,8 @@ def test_gradients_reach_every_parameter():
 
 def test_inside_pyg_sequential():
     model = Sequential("x, batch, pos", [
-        (DynamicMesh(3), "x, batch -> edge_index, edge_sim"),
-        (MeshAttentionConv(16, 8, heads=2), "x, edge_index, pos -> x"),
+        (DynamicMesh(3, causal=True), "x, batch -> edge_index, edge_sim"),
+        (MeshAttentionConv(16, 8, heads=2, decay=True), "x, edge_index, pos -> x"),
         (torch.nn.ReLU(), "x -> x"),
     ])
     out = model(torch.randn(10, 16), torch.zeros(10, dtype=torch.long), torch.arange(10))
@@ -86,9 +86,9 @@ def test_inside_pyg_sequential():
 
 def test_compiled_equals_eager():
     torch._dynamo.reset()
-    conv = MeshAttentionConv(16, 4, heads=2).eval()
+    conv = MeshAttentionConv(16, 4, heads=2, decay=True).eval()
     x = torch.randn(30, 16)
-    edge_index, _ = DynamicMesh(4)(x)
+    edge_index, _ = DynamicMesh(4, causal=True)(x)
     pos = torch.arange(30)
     eager = conv(x, edge_index, pos)
     compiled = torch.compile(conv)(x, edge_index, pos)

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_cause, exit_eval, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
+from benchmarks import (ablation, decode, exit_eval, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
                         mesh_backends, recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
@@ -190,14 +190,6 @@ def test_shakespeare(tmp_path):
     assert exits["report_exits"]["loss"] <= exits["report_exits_off"]["loss"] * 1.02 + 1e-6 or exits["tau"] == [1.0]
     assert finite_positive(*result["flops_per_token"].values(), *result["eval_seconds"].values())
     assert set(result["eval_seconds"]) == {"vanilla", "tmt-exit", "tmt-exit @tau"}
-
-
-def test_exit_cause(tmp_path):
-    result = run_quick(exit_cause, tmp_path)
-    rows = {r["row"]: r for r in result["rows"]}
-    assert len(rows) == 6 and all(finite_positive(r["val_loss"], r["trunk_step_scale"]) for r in rows.values())
-    assert rows["vanilla (no gates)"]["gate_to_trunk_norm"] == 0
-    assert all(r["gate_to_trunk_norm"] > 0 for name, r in rows.items() if name != "vanilla (no gates)")
 
 
 def test_slot_core(tmp_path):

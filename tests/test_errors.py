@@ -1,10 +1,10 @@
 """Catalogue of bad inputs: each one gets the natural exception type and a message naming the problem
-(DESIGN.md: "never a silent wrong answer"). Edge cases that are valid input (k above the number of
+(docs/design.md: "never a silent wrong answer"). Edge cases that are valid input (k above the number of
 candidates) are checked to work here too."""
 import pytest
 import torch
 
-from tmt_pyg import DynamicMesh, MeshAttentionConv, TMTConfig, TMTModel, tokens_to_batch
+from tmt_pyg import DynamicMesh, MeshAttentionConv, MeshGPSConv, TMTConfig, TMTModel, tokens_to_batch
 from tmt_pyg.data import CharVocab, SequenceLoader, load_text_splits, variable_length_batches
 from tmt_pyg.hf import TMTForCausalLM, TMTHFConfig
 
@@ -115,7 +115,7 @@ NAN[1, 2], INF[2, 0] = float("nan"), float("inf")
 ])
 def test_bad_mesh_input(args, error, match):
     with pytest.raises(error, match=match):
-        DynamicMesh(2)(*args)
+        DynamicMesh(2, causal=True)(*args)
 
 
 @pytest.mark.parametrize("backend", ["dense", "cluster"])
@@ -152,7 +152,7 @@ EDGES = torch.tensor([[0, 1], [1, 1]])
 ])
 def test_bad_conv_input(args, error, match):
     with pytest.raises(error, match=match):
-        MeshAttentionConv(4, 2, heads=2)(*args)
+        MeshAttentionConv(4, 2, heads=2, decay=True)(*args)
 
 
 @pytest.mark.parametrize("field,value,error,match", [
@@ -256,3 +256,39 @@ def hf_model() -> TMTForCausalLM:
 def test_bad_hf_input(hf_model, kwargs, error, match):
     with pytest.raises(error, match=match):
         hf_model(**kwargs)
+
+
+def test_graph_layers_default_to_what_a_graph_user_expects():
+    """On a point cloud the default mesh is bidirectional, so it does not depend on the node order, and
+    the default conv needs no token positions."""
+    pos = torch.randn(12, 3)
+    perm = torch.randperm(12)
+    mesh = DynamicMesh(k=2)
+    edges = {tuple(e) for e in mesh(pos)[0].t().tolist()}
+    permuted = {(int(perm[s]), int(perm[t])) for s, t in mesh(pos[perm])[0].t().tolist()}
+    assert edges == permuted and not mesh.causal
+    conv = MeshAttentionConv(3, 4, heads=2)
+    assert conv.decay is None and conv(pos, mesh(pos)[0]).shape == (12, 8)
+
+
+@pytest.mark.parametrize("args,match", [
+    pytest.param((X, EDGES, torch.randn(3, 3)), r"pos must hold one token position per node, shape \(3,\), got \(3, 3\)",
+                 id="point-coordinates-as-positions"),
+    pytest.param((X, EDGES, torch.arange(2)), r"pos must hold one token position per node, shape \(3,\), got \(2,\)",
+                 id="too-few-positions"),
+    pytest.param((NAN, EDGES, torch.arange(3)), r"x holds NaN or Inf values \(1 rows\)", id="nan-features"),
+    pytest.param((INF, EDGES, torch.arange(3)), r"x holds NaN or Inf values", id="inf-features"),
+])
+def test_conv_input_that_would_fail_deep_inside(args, match):
+    with pytest.raises(ValueError, match=match):
+        MeshAttentionConv(4, 2, heads=2, decay=True)(*args)
+
+
+def test_gps_layer_names_the_bad_argument():
+    layer = MeshGPSConv(4, None, heads=2, k=2)
+    with pytest.raises(ValueError, match=r"x holds non-finite node states"):
+        layer(NAN, EDGES)
+    with pytest.raises(ValueError, match=r"batch has 2 entries for 3 nodes"):
+        layer(X, EDGES, torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"k \(graph_k\) must be an integer >= 1, got 0"):
+        MeshGPSConv(4, None, heads=2, k=0)

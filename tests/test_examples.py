@@ -52,11 +52,3 @@ def test_wikitext_lm_quick(data_dir, tmp_path):
     assert math.isfinite(result["ppl"]) and result["targets"] > 1000 and 0 < result["work_fraction"] <= 1
     assert result["sample"].startswith("the game") and len(result["sample"].split()) == 2 + 20
 
-
-def test_exit_curve_quick(data_dir, tmp_path):
-    from benchmarks.exit_curve import main
-    result = main(["--quick", "--out", str(tmp_path), "--data-dir", str(data_dir / "wikitext-2")])
-    points = result["runs"]["consistency"]["points"]
-    assert points[0]["threshold"] is None and points[0]["work_fraction"] == 1.0
-    assert all(math.isfinite(p["ppl"]) and 0 < p["work_fraction"] <= 1 for p in points)
-    assert (tmp_path / "exit_curve.png").exists()

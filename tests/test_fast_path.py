@@ -73,12 +73,12 @@ def test_slots_hold_the_edges(backend, causal):
 @pytest.mark.parametrize("backend", ["dense", "cluster"])
 def test_window_slots_join_the_knn_slots(backend):
     x, batch = random_batch([30, 9, 140], seed=6)
-    mesh = DynamicMesh(3, backend=backend, window=4)
+    mesh = DynamicMesh(3, backend=backend, window=4, causal=True)
     slots = mesh.slots(x, batch)
     assert slots.index.shape == (179, 3 + 4 + 1) and str(mesh).endswith("window=4)")
     assert as_set(slots.edges()[0]) == windowed_reference(x, [30, 9, 140], 3, 4)
     x3, b3 = random_batch([40] * 2, seed=7)
-    regular, flat = DynamicMesh(3, window=4).slots(x3, b3, seq_len=40), DynamicMesh(3, window=4).slots(x3, b3)
+    regular, flat = DynamicMesh(3, window=4, causal=True).slots(x3, b3, seq_len=40), DynamicMesh(3, window=4, causal=True).slots(x3, b3)
     assert torch.equal(regular.index, flat.index) and torch.equal(regular.valid, flat.valid)
     with pytest.raises(ValueError, match="causal"):
         DynamicMesh(3, causal=False, window=2)
@@ -94,7 +94,7 @@ def test_active_rows_search_equals_the_full_search(window, separate_queries):
     active = torch.rand(120, generator=torch.Generator().manual_seed(9)) < 0.6
     active[40:80] = False  # the middle sequence has exited entirely
     target = active.nonzero().view(-1)
-    mesh = DynamicMesh(4, window=window, block_size=8)
+    mesh = DynamicMesh(4, window=window, block_size=8, causal=True)
     full = mesh.slots(x, batch, seq_len=40, query_x=query_x)
     part = mesh.slots(x, batch, query_index=target, seq_len=40, query_x=query_x)
     flat = mesh.slots(x, batch, query_index=target, query_x=query_x)  # ragged path, same rows
@@ -125,7 +125,7 @@ def test_slot_attention_equals_message_passing(decay, rotary, anchors, subset):
     x, batch = random_batch([25, 15], dim=32, seed=5, dtype=torch.float32)
     pos = torch.cat([torch.arange(25), torch.arange(15)])
     query = torch.tensor([0, 3, 7, 24, 25, 30, 39]) if subset else None
-    slots = DynamicMesh(5).slots(x, batch, query)
+    slots = DynamicMesh(5, causal=True).slots(x, batch, query)
     conv = MeshAttentionConv(32, 8, heads=4, decay=decay, rotary=rotary, max_seq_len=16).eval()
     with torch.no_grad():
         conv.decay is not None and conv.decay.omega.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))

@@ -25,8 +25,8 @@ def test_mesh_equals_brute_force(backend, causal, lengths, k):
 def test_cluster_chunks_cross_the_prefix_boundary():
     """Sequences longer than one torch-cluster chunk (128) exercise the prefix-kNN + chunk merge."""
     x, batch = random_batch([300, 260], dim=8, seed=3)
-    dense = as_set(DynamicMesh(6, backend="dense")(x, batch)[0])
-    cluster = as_set(DynamicMesh(6, backend="cluster")(x, batch)[0])
+    dense = as_set(DynamicMesh(6, backend="dense", causal=True)(x, batch)[0])
+    cluster = as_set(DynamicMesh(6, backend="cluster", causal=True)(x, batch)[0])
     assert dense == cluster
 
 
@@ -52,24 +52,24 @@ def test_layers_import_without_torch_cluster():
 
 def test_causal_mesh_ignores_the_future():
     x, batch = random_batch([40], seed=1)
-    edges = as_set(DynamicMesh(4)(x, batch)[0])
+    edges = as_set(DynamicMesh(4, causal=True)(x, batch)[0])
     x2 = x.clone()
     x2[25:] = torch.randn(15, x.size(1), dtype=x.dtype)
-    edges2 = as_set(DynamicMesh(4)(x2, batch)[0])
+    edges2 = as_set(DynamicMesh(4, causal=True)(x2, batch)[0])
     assert {e for e in edges if e[1] < 25} == {e for e in edges2 if e[1] < 25}
     assert all(src <= dst for src, dst in edges)
 
 
 def test_fewer_candidates_than_k_and_self_edges():
     x, batch = random_batch([3], seed=2)
-    edge_index, sim = DynamicMesh(8)(x, batch)
+    edge_index, sim = DynamicMesh(8, causal=True)(x, batch)
     assert as_set(edge_index) == {(0, 0), (1, 1), (0, 1), (2, 2), (0, 2), (1, 2)}
     torch.testing.assert_close(sim[edge_index[0] == edge_index[1]], torch.ones(3, dtype=x.dtype))
 
 
 def test_query_index_restricts_targets():
     x, batch = random_batch([20, 10], seed=4)
-    mesh = DynamicMesh(3)
+    mesh = DynamicMesh(3, causal=True)
     full = as_set(mesh(x, batch)[0])
     query = torch.tensor([2, 5, 19, 21, 29])
     sub = as_set(mesh(x, batch, query_index=query)[0])
@@ -78,24 +78,24 @@ def test_query_index_restricts_targets():
 
 def test_batch_invariance_of_the_mesh():
     x, batch = random_batch([9, 14], seed=5)
-    both = as_set(DynamicMesh(4)(x, batch)[0])
-    alone = as_set(DynamicMesh(4)(x[9:], batch[9:] - 1)[0])
+    both = as_set(DynamicMesh(4, causal=True)(x, batch)[0])
+    alone = as_set(DynamicMesh(4, causal=True)(x[9:], batch[9:] - 1)[0])
     assert {(s - 9, d - 9) for s, d in both if d >= 9} == alone
 
 
 def test_mesh_works_on_a_pyg_batch():
     batch = tokens_to_batch([torch.tensor([1, 2, 3]), torch.tensor([4, 5])])
     x = torch.randn(batch.num_nodes, 8)
-    edge_index, _ = DynamicMesh(2)(x, batch.batch)
+    edge_index, _ = DynamicMesh(2, causal=True)(x, batch.batch)
     assert int(edge_index.max()) < 5
 
 
 def test_exact_ties_go_to_the_most_recent_candidates():
     x = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]])  # six identical states, then another
-    edge_index, _ = DynamicMesh(2, backend="dense")(x)
+    edge_index, _ = DynamicMesh(2, backend="dense", causal=True)(x)
     assert {s for s, d in as_set(edge_index) if d == 5 and s != d} == {3, 4}
     shifted = torch.cat([torch.tensor([[0.0, 1.0]] * 3), x])  # same sequence inside a longer block
-    edge_index, _ = DynamicMesh(2, backend="dense")(shifted, torch.tensor([0] * 3 + [1] * 7))
+    edge_index, _ = DynamicMesh(2, backend="dense", causal=True)(shifted, torch.tensor([0] * 3 + [1] * 7))
     assert {s - 3 for s, d in as_set(edge_index) if d == 8 and s != d} == {3, 4}
 
 

@@ -81,7 +81,7 @@ def test_conv_equals_dense_masked_attention(device, lengths, k, heads, channels,
     conv = make_conv(dim, channels, heads, decay, rotary, dtype, seed)
     x, batch = random_batch(lengths, dim, seed, dtype)
     pos = positions(batch)
-    edge_index, _ = DynamicMesh(k)(x, batch)
+    edge_index, _ = DynamicMesh(k, causal=True)(x, batch)
     with torch.no_grad():  # float64 copy of the same weights
         expected = dense_reference(copy.deepcopy(conv).double(), x.double(), edge_index, pos)
     out, (_, alpha) = conv.to(device)(*(t.to(device) for t in (x, edge_index, pos)), return_attention_weights=True)
@@ -99,7 +99,7 @@ def two_layer_setup(device, lengths, k, heads, backend, block_size, dtype, seed,
     each, as in a TMT stack), random states of the batch, and a sequence drawn from it: (layers, x,
     batch, start, end); ``layers`` takes and returns CPU tensors."""
     convs = [make_conv(4 * heads, 4, heads, True, True, dtype, seed + i).to(device) for i in range(2)]
-    mesh = DynamicMesh(k, backend=backend, block_size=block_size)
+    mesh = DynamicMesh(k, backend=backend, block_size=block_size, causal=True)
 
     def layers(x, batch):
         pos, x, batch = positions(batch).to(device), x.to(device), batch.to(device)

@@ -32,10 +32,10 @@ def point_classifier() -> Sequential:
 def token_mixer() -> Sequential:
     """Causal mesh + rotary/decayed attention, twice, as in a TMT layer stack."""
     return Sequential("x, batch, pos", [
-        (DynamicMesh(3), "x, batch -> edge_index, edge_sim"),
-        (MeshAttentionConv(16, 8, heads=2, rotary=True, max_seq_len=32), "x, edge_index, pos -> x"),
-        (DynamicMesh(3), "x, batch -> edge_index, edge_sim"),
-        (MeshAttentionConv(16, 8, heads=2, rotary=True, max_seq_len=32), "x, edge_index, pos -> x"),
+        (DynamicMesh(3, causal=True), "x, batch -> edge_index, edge_sim"),
+        (MeshAttentionConv(16, 8, heads=2, rotary=True, max_seq_len=32, decay=True), "x, edge_index, pos -> x"),
+        (DynamicMesh(3, causal=True), "x, batch -> edge_index, edge_sim"),
+        (MeshAttentionConv(16, 8, heads=2, rotary=True, max_seq_len=32, decay=True), "x, edge_index, pos -> x"),
     ])
 
 
@@ -84,16 +84,16 @@ def test_bipartite_knn_interpolation():
     torch.testing.assert_close(out, conv.lin_out(expected), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert x_src.grad.abs().sum() > 0 and x_dst.grad.abs().sum() > 0
-    decayed = MeshAttentionConv((16, 8), 4, heads=3, max_seq_len=64)  # with times on both sides
+    decayed = MeshAttentionConv((16, 8), 4, heads=3, max_seq_len=64, decay=True)  # with times on both sides
     assert decayed((x_src, x_dst), edge_index, (torch.arange(50), torch.arange(12) * 4)).shape == (12, 12)
 
 
 def test_device_and_dtype_moves():
     torch.manual_seed(1)
     x = torch.randn(30, 16)
-    ei, _ = DynamicMesh(4)(x)
+    ei, _ = DynamicMesh(4, causal=True)(x)
     pos = torch.arange(30)
-    conv = MeshAttentionConv(16, 4, heads=2, rotary=True, max_seq_len=64).eval()
+    conv = MeshAttentionConv(16, 4, heads=2, rotary=True, max_seq_len=64, decay=True).eval()
     ref = conv(x, ei, pos)
     moved = copy.deepcopy(conv).to(DEVICE)
     out = moved(x.to(DEVICE), ei.to(DEVICE), pos.to(DEVICE))
@@ -117,9 +117,9 @@ def test_device_and_dtype_moves():
 def test_conv_compiles_without_graph_breaks():
     torch._dynamo.reset()
     x = torch.randn(30, 16)
-    ei, _ = DynamicMesh(4)(x)
+    ei, _ = DynamicMesh(4, causal=True)(x)
     pos = torch.arange(30)
-    conv = MeshAttentionConv(16, 4, heads=2, rotary=True, max_seq_len=64).eval()
+    conv = MeshAttentionConv(16, 4, heads=2, rotary=True, max_seq_len=64, decay=True).eval()
     explain = torch._dynamo.explain(conv)(x, ei, pos, return_attention_weights=True)
     print(f"MeshAttentionConv: {explain.graph_count} graph(s), {explain.graph_break_count} graph break(s)")
     assert explain.graph_count == 1 and explain.graph_break_count == 0

@@ -27,7 +27,7 @@ def flat_conv(decay: bool) -> MeshAttentionConv:
 def test_anchors_together_start_with_one_neighbours_weight(decay):
     x, batch = random_batch([20], dim=16, seed=3, dtype=torch.float32)
     pos = torch.arange(20)
-    slots = DynamicMesh(4, window=2).slots(x, batch)
+    slots = DynamicMesh(4, window=2, causal=True).slots(x, batch)
     conv = flat_conv(decay)
     M = 6
     key, value = conv.project_key_value(x, pos)
@@ -61,7 +61,7 @@ def test_dense_path_equals_slot_path_with_anchors(decay):
     conv = MeshAttentionConv(16, 4, heads=2, decay=decay, max_seq_len=16, rotary=True).eval()
     with torch.no_grad():
         conv.decay is not None and conv.decay.omega.copy_(torch.tensor([0.5, 3.0]))
-    slots = DynamicMesh(1, window=12).slots(x, batch)
+    slots = DynamicMesh(1, window=12, causal=True).slots(x, batch)
     key, value = conv.project_key_value(x, pos)
     query = conv.project_query(x, pos)
     memory = conv.project_key_value(torch.randn(5, 16), pos.new_full((5,), -1))

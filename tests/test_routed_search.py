@@ -38,8 +38,8 @@ def test_routed_search_follows_its_rule(S, block, top, window):
 @pytest.mark.parametrize("window", [0, 3])
 def test_routing_to_every_earlier_block_is_the_exact_search(window):
     torch.manual_seed(0)
-    exact = DynamicMesh(4, window=window, backend="dense")
-    every = DynamicMesh(4, window=window, search="routed", route_block=8, route_top=100)
+    exact = DynamicMesh(4, window=window, backend="dense", causal=True)
+    every = DynamicMesh(4, window=window, search="routed", route_block=8, route_top=100, causal=True)
     batch = torch.tensor([0] * 70 + [1] * 33 + [2] * 5)
     x = torch.randn(batch.numel(), 12)
     for args in ((torch.randn(140, 12), None, None, 70), (x, batch, None, None), (x, batch, torch.arange(0, 108, 3), None)):
@@ -49,7 +49,7 @@ def test_routing_to_every_earlier_block_is_the_exact_search(window):
 
 def test_routed_mesh_is_causal_and_batch_invariant():
     torch.manual_seed(1)
-    mesh = DynamicMesh(3, window=2, search="routed", route_block=4, route_top=2)
+    mesh = DynamicMesh(3, window=2, search="routed", route_block=4, route_top=2, causal=True)
     x = torch.randn(3, 50, 16)
     alone = mesh.slots(x[1], seq_len=50)
     together = mesh.slots(x.flatten(0, 1), seq_len=50)
@@ -80,7 +80,7 @@ def test_routed_search_needs_a_causal_mesh():
     with pytest.raises(ValueError, match="mesh_search"):
         TMTConfig(mesh_search="nearest")
     with pytest.raises(ValueError, match="route_top"):
-        DynamicMesh(4, search="routed", route_top=0)
+        DynamicMesh(4, search="routed", route_top=0, causal=True)
 
 
 def test_routed_training_forward_compiles_as_one_graph():

@@ -47,7 +47,8 @@ class MeshAttentionConv(MessagePassing):
         heads (int): number of attention heads.
         concat (bool): concatenate the heads (else average them).
         dropout (float): dropout on the attention weights.
-        decay (bool): apply the learned temporal decay (needs ``pos``).
+        decay (bool): multiply the weights by the learned temporal decay (needs token positions
+            ``pos``; off by default, as graphs have no token order).
         decay_rate (float): initial decay rate of every head.
         max_seq_len (int): normaliser of the temporal distance.
         rotary (bool): rotate queries and keys by their positions (RoPE, needs ``pos``).
@@ -56,13 +57,15 @@ class MeshAttentionConv(MessagePassing):
 
     Shapes:
         input: ``x`` (N, F) or ``((N_src, F_src), (N_dst, F_dst))``, ``edge_index`` (2, E),
-        ``pos`` (N,) or a pair (long). output: (N_dst, heads * out_channels) or
+        ``pos`` (N,) token positions (integers; negative: timeless memory anchors) or a pair,
+        read only by the decay and rotary (point coordinates such as PyG's ``data.pos`` (N, 3) are
+        features: put them into ``x``). output: (N_dst, heads * out_channels) or
         (N_dst, out_channels); with ``return_attention_weights=True`` also
         ``(edge_index, alpha)``, ``alpha`` (E, heads) the weights actually used (``gamma * alpha``).
     """
 
     def __init__(self, in_channels: Union[int, Tuple[int, int]], out_channels: int, heads: int = 1,
-                 concat: bool = True, dropout: float = 0.0, decay: bool = True, decay_rate: float = 2.0,
+                 concat: bool = True, dropout: float = 0.0, decay: bool = False, decay_rate: float = 2.0,
                  max_seq_len: int = 1024, rotary: bool = False, bias: bool = True, **kwargs):
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
@@ -109,16 +112,31 @@ class MeshAttentionConv(MessagePassing):
                 return_attention_weights: Optional[bool] = None):
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         pos_src, pos_dst = pos if isinstance(pos, (tuple, list)) else (pos, pos)
-        if (self.rotary or self.decay is not None) and (pos_src is None or pos_dst is None):
-            raise ValueError("MeshAttentionConv with decay or rotary needs node positions `pos`")
-        for name, t in (("edge_index", edge_index), ("pos", pos_src), ("pos", pos_dst)):
-            if isinstance(t, Tensor) and t.device != x_dst.device:
-                raise ValueError(f"{name} is on {t.device} but x is on {x_dst.device}")
+        self.check_input(x_src, x_dst, edge_index, pos_src, pos_dst)
         key, value = self.project_key_value(x_src, pos_src)
         out, alpha = self.attend(self.project_query(x_dst, pos_dst), key, value, edge_index, (pos_src, pos_dst))
         if return_attention_weights:
             return out, (edge_index, alpha)
         return out
+
+    def check_input(self, x_src: Tensor, x_dst: Tensor, edge_index: Adj, pos_src: OptTensor, pos_dst: OptTensor) -> None:
+        """One clear ValueError, naming the argument, for inputs that would fail deep inside or
+        silently spread NaN (value checks are skipped under ``torch.compile``)."""
+        if (self.rotary or self.decay is not None) and (pos_src is None or pos_dst is None):
+            raise ValueError("MeshAttentionConv with decay or rotary needs node positions `pos`")
+        for name, t in (("edge_index", edge_index), ("pos", pos_src), ("pos", pos_dst)):
+            if isinstance(t, Tensor) and t.device != x_dst.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x_dst.device}")
+        for p, nodes in ((pos_src, x_src.size(0)), (pos_dst, x_dst.size(0))):
+            if p is not None and (p.dim() != 1 or p.numel() != nodes):
+                raise ValueError(f"pos must hold one token position per node, shape ({nodes},), got {tuple(p.shape)}: "
+                                 "it is read as positions in a sequence by the decay and rotary; point coordinates "
+                                 "(PyG's data.pos) are features, concatenate them to x")
+        if not torch.compiler.is_compiling():
+            for t in (x_src,) if x_src is x_dst else (x_src, x_dst):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"x holds NaN or Inf values ({int((~torch.isfinite(t)).any(-1).sum())} rows): "
+                                     "attention would spread them to every neighbour")
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Adj,
                pos: Tuple[OptTensor, OptTensor]) -> Tuple[Tensor, Tensor]:

@@ -234,9 +234,9 @@ class DynamicMesh(torch.nn.Module):
     ``i`` reads its ``k`` most similar nodes ``j`` of the same graph, plus itself; a node with
     fewer than ``k`` candidates reads all of them. Exact ties go to the most recent node.
 
-    * ``causal=True``: candidates are the nodes **before** ``i`` in its graph (node order = token
-      order), exactly: the neighbour set of ``i`` depends on nodes ``<= i`` only.
-    * ``causal=False``: any other node of the graph.
+    * ``causal=False`` (the default, for graphs and point clouds): any other node of the graph.
+    * ``causal=True`` (language models): candidates are the nodes **before** ``i`` in its graph
+      (node order = token order), exactly: the neighbour set of ``i`` depends on nodes ``<= i`` only.
 
     * ``window=w`` (causal only): the ``w`` tokens just before ``i`` are neighbours as well, and the
       ``k`` similar ones are searched among the tokens before them (the two groups never overlap).
@@ -247,7 +247,8 @@ class DynamicMesh(torch.nn.Module):
 
     Args:
         k (int): number of neighbours per node (without the self slot).
-        causal (bool): causal (language model) or bidirectional mesh.
+        causal (bool): causal mesh over earlier tokens (language models) or bidirectional mesh over
+            the whole graph (default).
         backend (str): ``"cluster"`` (torch-cluster proposes candidates: KD-tree on CPU, brute force
             on CUDA; an ImportError naming ``make setup`` if torch-cluster is missing), ``"dense"``
             (exact blockwise ``matmul + topk``) or ``"auto"`` (torch-cluster for low-dimensional
@@ -273,7 +274,7 @@ class DynamicMesh(torch.nn.Module):
         in node ids, ``edge_sim`` (E,) cosine similarity of each edge.
     """
 
-    def __init__(self, k: int, causal: bool = True, backend: str = "auto", block_size: int = 256,
+    def __init__(self, k: int, causal: bool = False, backend: str = "auto", block_size: int = 256,
                  low_dim_threshold: int = 8, window: int = 0, search: str = "exact", route_block: int = 64,
                  route_top: int = 4, exact_max_nodes: int = 4096, trees: int = 4, leaf_size: int = 256):
         super().__init__()
@@ -438,7 +439,7 @@ class DynamicMesh(torch.nn.Module):
                 (query[1:] <= query[:-1]).any() | ((query < 0) | (query >= N)).any(),
             ]).tolist()
             if non_finite:
-                raise ValueError("non-finite node states (NaN or Inf) given to DynamicMesh")
+                raise ValueError("x holds non-finite node states (NaN or Inf): the mesh cannot rank them")
             if unsorted:
                 raise ValueError("batch vector must be sorted and non-negative (nodes of each graph contiguous, as in a PyG Batch)")
             if bad_query:
