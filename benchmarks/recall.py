@@ -18,9 +18,27 @@ at that budget (``--label`` names the code version a run measured, e.g. before a
 
     python -m benchmarks.recall --threads 1 --variants vanilla mesh default --seeds 0 1 2 --points 64:16 \
         --steps 3000 --lrs 3e-3 --runs runs/recall_default --label after
+
+``--zoology`` runs Zoology's protocol instead (:func:`zoology_main`): Zoology's data (:func:`zoology_batch`,
+vocabulary 8192), 2 layers at d_model 64 and one head, fresh batches of 128 sequences, learning rates swept
+per row and point (constant after a warm-up), held-out accuracy at the query positions every ``--eval-every``
+sequences (a curve), early stop at 0.99; rows vanilla, mesh (the mesh alone), default (every TMT part but the
+exits) and, at points of S >= 512, routed (the mesh alone with the routed search). The short points run
+first (vanilla, then mesh, then default), then the long one; vanilla decides the other rows' budgets
+(``--budget-factor``) and skips them where it stays below 0.95. Every finished run is one JSON under
+``--runs`` (default ``docs/results/recall_zoology/runs``); a run in progress, or one cut by its budget, is
+checkpointed under ``runs/recall_zoology_partial`` (git-ignored), so a killed sweep resumes where it stopped
+and a larger budget continues a run. ``--table-only`` rewrites
+``docs/results/recall_zoology/recall_zoology.md``/``.json``/``.png`` from the cache; ``--cost N`` times N steps
+per row and point.
+
+    nice -n 19 python -m benchmarks.recall --zoology --threads 1
+    python -m benchmarks.recall --zoology --table-only
 """
 import json
+import math
 import subprocess
+import time
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from benchmarks.common import base_parser, finish, markdown_table, mean_std, new_figure, setup
+from benchmarks.common import RESULTS_DIR, base_parser, finish, markdown_table, mean_std, new_figure, setup
 from tmt_pyg import TMTConfig, TMTModel, count_parameters, match_parameters
 
 NAME = "recall"
@@ -259,7 +277,450 @@ def variants_main(args, size: Dict, info: Dict, argv: Optional[Sequence[str]]) -
 VARIANTS_NAME = "recall_default"
 
 
+# --- Zoology's protocol (--zoology) -----------------------------------------------------------------
+
+ZOOLOGY_NAME = "recall_zoology"
+ZOOLOGY_DIR = RESULTS_DIR / ZOOLOGY_NAME
+PARTIAL_DIR = Path(__file__).resolve().parents[1] / "runs" / "recall_zoology_partial"  # git-ignored checkpoints
+ZOOLOGY_ROWS = ("vanilla", "mesh", "default", "routed")
+# Zoology's figure 2: 2 layers, d_model 64, one head, vocabulary 8192. Its blocks have no MLP; ours keep a narrow
+# one (2 x d_model) that every row shares, the other rows' FFN widths matched to vanilla's parameter count.
+ZOOLOGY_SIZE = dict(vocab_size=8192, d_model=64, n_heads=1, n_layers=2, dropout=0.0, rope=True, mlp_dim=128)
+# S:pairs:batch:max_sequences: two short points and a long one (docs/results/recall_zoology/cost.md: the choice)
+ZOOLOGY_POINTS = ("64:4:128:1.5M", "128:8:128:2M", "512:32:128:2M")
+ZOOLOGY_LRS = (2.2e-3, 4.6e-4, 1e-2)  # three of Zoology's four (np.logspace(-4, -2, 4)), the likeliest best first
+STOP_AT, REACH = 0.99, 0.95  # early stop, and the accuracy whose sequences are recorded
+
+
+def zoology_batch(batch_size: int, seq_len: int, pairs: int, vocab: int, gen: torch.Generator, power_a: float = 0.01,
+                  random_non_queries: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MQAR as Zoology generates it (``multiquery_ar``): ``pairs`` key-value pairs ``k1 v1 k2 v2 ...`` (distinct
+    keys from ``[1, vocab / 2)``, distinct values from ``[vocab / 2, vocab)``), then a query region where every key
+    appears once more, at ``2 * pairs + 2 * gap`` with the gaps drawn without replacement from the power law
+    ``p(gap) ~ (gap + 1) ** (power_a - 1)`` (``power_a`` 0.01: mostly early queries); the value is *not* repeated
+    after its query, every other position is 0 (``random_non_queries``: a random token instead).
+
+    Returns ``ids`` (B, S) and ``labels`` (B, S): at a query position the value its key was paired with (the
+    next-token target there), -100 everywhere else."""
+    context, half = 2 * pairs, vocab // 2
+    if seq_len % 2 or 2 * context > seq_len:
+        raise ValueError(f"{pairs} pairs need an even seq_len >= {2 * context}, got {seq_len}")
+    if pairs > half - 1:
+        raise ValueError(f"{pairs} distinct keys need vocab >= {2 * pairs + 2}, got {vocab}")
+    B = batch_size
+    keys = torch.rand(B, half - 1, generator=gen).topk(pairs, 1).indices + 1  # a random subset in random order
+    values = torch.rand(B, vocab - half, generator=gen).topk(pairs, 1).indices + half
+    space = (seq_len - context) // 2
+    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial((p / p.sum()).expand(B, space), pairs, replacement=False, generator=gen)
+    ids = torch.zeros(B, seq_len, dtype=torch.long)
+    ids[:, 0:context:2], ids[:, 1:context:2] = keys, values
+    rows, where = torch.arange(B).unsqueeze(1), context + 2 * gaps
+    ids[rows, where] = keys
+    labels = torch.full((B, seq_len), -100, dtype=torch.long)
+    labels[rows, where] = values
+    if random_non_queries:
+        filler = torch.randint(vocab, ids.shape, generator=gen)
+        ids = torch.where(ids == 0, filler, ids)
+    return ids, labels
+
+
+def parse_point(spec: str) -> Dict:
+    """``S:pairs[:batch[:max_sequences]]`` (max_sequences may end in k or M) -> a point dict."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"point {spec!r}: expected S:pairs[:batch[:max_sequences]]")
+    scale = {"k": 1_000, "M": 1_000_000}
+    count = lambda v: int(float(v[:-1]) * scale[v[-1]]) if v[-1] in scale else int(v)
+    S, pairs = int(parts[0]), int(parts[1])
+    batch = int(parts[2]) if len(parts) > 2 else 128
+    return {"S": S, "pairs": pairs, "batch": batch, "max_sequences": count(parts[3]) if len(parts) > 3 else 1_000_000}
+
+
+def zoology_configs(size: Dict, S: int, long_from: int = 512) -> Dict[str, TMTConfig]:
+    """The rows at length ``S``: vanilla (dense fused SDPA), mesh (``TMTConfig.vanilla`` with the mesh on, its
+    window and similarity at TMTConfig's defaults), default (the shipped default with the exits off) and, from
+    ``S >= long_from``, routed (the mesh alone with ``mesh_search="routed"``); FFN widths matched to vanilla's
+    parameter count."""
+    size = {**size, "max_seq_len": S}
+    vanilla = TMTConfig.vanilla(**size)
+    configs = {"vanilla": vanilla, "mesh": TMTConfig.vanilla(**size, use_mesh=True),
+               "default": TMTConfig(**size, use_exit=False)}
+    if S >= long_from:
+        configs["routed"] = TMTConfig.vanilla(**size, use_mesh=True, mesh_search="routed")
+    target = count_parameters(vanilla)
+    return {row: cfg if row == "vanilla" else match_parameters(cfg, target) for row, cfg in configs.items()}
+
+
+def final_states(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def answer_logits(model: TMTModel, ids: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits (Q, V) and targets (Q,) at the query positions only. ``model.lm_head`` is set to
+    :func:`final_states`, so its forward returns the final states and the (tied) head runs on the Q rows that
+    the loss and the accuracy count, instead of all B * S (the same numbers, without a B x S x 8192 product)."""
+    mask = labels >= 0
+    h = model(ids).logits
+    if model.lm_head is final_states:
+        return TMTModel.lm_head(model, h[mask]), labels[mask]
+    return h[mask], labels[mask]
+
+
+@torch.no_grad()
+def evaluate(model: TMTModel, test: Tuple[torch.Tensor, torch.Tensor], chunk: int = 256) -> Tuple[float, float]:
+    """Accuracy and cross-entropy at the query positions of the held-out ``test`` (ids, labels)."""
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    device = model.wte.weight.device
+    try:
+        for start in range(0, test[0].size(0), chunk):
+            logits, target = answer_logits(model, test[0][start:start + chunk].to(device), test[1][start:start + chunk].to(device))
+            correct += int((logits.argmax(-1) == target).sum())
+            loss += float(F.cross_entropy(logits, target, reduction="sum"))
+            total += target.numel()
+    finally:
+        model.train()
+    return correct / total, loss / total
+
+
+def held_out_set(point: Dict, vocab: int, queries: int, seed: int, power_a: float, random_non_queries: bool):
+    """The held-out sequences of a point (the same for every row and learning rate): about ``queries`` queries,
+    256 to 3000 sequences, from a generator no training batch uses."""
+    n = min(3000, max(256, -(-queries // point["pairs"])))
+    gen = torch.Generator().manual_seed(1_000_003 + 7919 * seed + point["S"] * 131 + point["pairs"])
+    return zoology_batch(n, point["S"], point["pairs"], vocab, gen, power_a, random_non_queries)
+
+
+def protocol_of(args, size: Dict, point: Dict) -> Dict:
+    """Everything besides row, lr, seed and budget that a run depends on (its hash is part of the cache key).
+    The learning rate is constant after the warm-up, so a run's curve does not depend on its budget: a longer
+    budget continues a cached run from its kept checkpoint, a shorter one is the same curve cut off."""
+    return {"size": size, "S": point["S"], "pairs": point["pairs"], "batch": point["batch"],
+            "eval_every": args.eval_every, "test_queries": args.test_queries, "power_a": args.power_a,
+            "random_non_queries": args.random_non_queries, "warmup_sequences": args.warmup_sequences, "weight_decay": 0.1,
+            "betas": [0.9, 0.98], "clip": 1.0, "stop_at": STOP_AT}
+
+
+def run_key(point: Dict, row: str, lr: float, seed: int, protocol: Dict) -> str:
+    import hashlib
+    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:6]
+    return f"S{point['S']}_p{point['pairs']}_b{point['batch']}_{row}_lr{lr:g}_seed{seed}_{digest}"
+
+
+def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protocol: Dict, partial: Optional[Path],
+                progress: bool = True, desc: str = "", budget: Optional[int] = None, device: str = "cpu") -> Dict:
+    """Train ``TMTModel(cfg)`` on fresh batches (the same stream for every row and lr of a seed) with AdamW
+    (weight decay 0.1, betas 0.9/0.98, clip 1.0; linear warm-up over ``warmup_sequences``, then the constant
+    ``lr``) for ``budget`` sequences (default the point's ``max_sequences``), evaluating on ``test`` every
+    ``eval_every`` sequences (and at 0) and stopping once the held-out accuracy reaches 0.99, or on a non-finite
+    loss. ``partial``: a checkpoint written at every evaluation below 0.99 (also at the end of the budget, so a
+    longer budget can continue the run) and read back when it exists (a killed run continues there). ``device``:
+    where the model trains (the data is drawn on the CPU either way)."""
+    S, pairs, batch = point["S"], point["pairs"], point["batch"]
+    total = -(-(budget or point["max_sequences"]) // batch)
+    every = max(1, protocol["eval_every"] // batch)
+    warm = max(1, protocol["warmup_sequences"] // batch)
+    torch.manual_seed(seed)
+    model = TMTModel(cfg).to(device)
+    model.lm_head = final_states  # the head runs on the query rows only (answer_logits)
+    opt = model.configure_optimizers(weight_decay=protocol["weight_decay"], learning_rate=lr, betas=tuple(protocol["betas"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    gen = torch.Generator().manual_seed(seed)
+    step, curve, seconds, stopped, train_losses = 0, [], 0.0, "budget", []
+    if partial is not None and partial.exists():
+        state = torch.load(partial, weights_only=False, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, curve, seconds = state["step"], state["curve"], state["seconds"]
+        print(f"{desc}: resumed from {partial} at {step * batch:,} sequences", flush=True)
+    if not curve:
+        acc, loss = evaluate(model, test)
+        curve.append({"sequences": 0, "accuracy": acc, "loss": loss, "train_loss": None, "seconds": 0.0})
+    bar = tqdm(total=total, initial=step, disable=not progress, desc=desc, mininterval=30, leave=False)
+    start = time.perf_counter() - seconds
+    while step < total and curve[-1]["accuracy"] < protocol["stop_at"]:
+        ids, labels = zoology_batch(batch, S, pairs, cfg.vocab_size, gen, protocol["power_a"], protocol["random_non_queries"])
+        ids, labels = ids.to(device), labels.to(device)
+        logits, target = answer_logits(model, ids, labels)
+        loss = F.cross_entropy(logits, target)
+        if not torch.isfinite(loss):
+            stopped = "diverged"
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), protocol["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        bar.update()
+        train_losses.append(loss.item())
+        if step % every == 0 or step == total:
+            try:
+                acc, test_loss = evaluate(model, test)
+            except ValueError:  # non-finite states
+                stopped = "diverged"
+                break
+            seconds = time.perf_counter() - start
+            curve.append({"sequences": step * batch, "accuracy": acc, "loss": test_loss,
+                          "train_loss": sum(train_losses) / len(train_losses), "seconds": seconds})
+            train_losses = []
+            bar.set_postfix(acc=f"{acc:.3f}")
+            print(f"{desc}: {step * batch:,} sequences, held-out accuracy {acc:.4f}, loss {test_loss:.3f}, "
+                  f"{seconds / 60:.1f} min", flush=True)
+            if partial is not None and acc < protocol["stop_at"]:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                tmp = partial.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "gen": gen.get_state(), "step": step, "curve": curve, "seconds": seconds}, tmp)
+                tmp.replace(partial)
+    bar.close()
+    if curve[-1]["accuracy"] >= protocol["stop_at"]:
+        stopped = "reached 0.99"
+    reach = lambda level: next((c["sequences"] for c in curve if c["accuracy"] >= level), None)
+    return {"accuracy": curve[-1]["accuracy"], "best_accuracy": max(c["accuracy"] for c in curve),
+            "loss": curve[-1]["loss"], "sequences_to_95": reach(REACH), "sequences_to_99": reach(STOP_AT),
+            "sequences": step * batch, "steps": step, "stopped": stopped, "seconds": time.perf_counter() - start,
+            "params": model.num_parameters(), "curve": curve}
+
+
+def zoology_parser():
+    parser = base_parser("MQAR under Zoology's protocol: vanilla, the mesh alone, the default model (and routed "
+                         "search at long points), lr swept, held-out accuracy curves", repeats=1)
+    parser.set_defaults(out=ZOOLOGY_DIR)
+    parser.add_argument("--points", nargs="+",
+                        help="S:pairs[:batch[:max_sequences]] (batch default 128, max_sequences default 1M; "
+                             f"default {' '.join(ZOOLOGY_POINTS)})")
+    parser.add_argument("--rows", nargs="+", choices=ZOOLOGY_ROWS, default=list(ZOOLOGY_ROWS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(ZOOLOGY_LRS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--long-from", type=int, default=512, help="points this long or longer get the routed row")
+    parser.add_argument("--eval-every", type=int, default=12_800, help="training sequences between evaluations")
+    parser.add_argument("--warmup-sequences", type=int, default=25_600, help="training sequences of the linear lr warm-up")
+    parser.add_argument("--lr-factor", type=float, default=2.0,
+                        help="a row's later lrs train at most this many times the sequences its fastest cached lr "
+                             "needed to reach 0.99 at the point (0: off); lrs run in the --lrs order")
+    parser.add_argument("--budget-factor", type=float, default=3.0,
+                        help="rows other than vanilla train at most this many times the sequences the best vanilla run "
+                             "needed to reach 0.99 at the point (within the point's max_sequences)")
+    parser.add_argument("--test-queries", type=int, default=8192, help="held-out queries per point (256-3000 sequences)")
+    parser.add_argument("--power-a", type=float, default=0.01, help="Zoology's power law of the query gaps")
+    parser.add_argument("--random-non-queries", action="store_true", help="random tokens instead of 0 between queries")
+    parser.add_argument("--vocab", type=int, default=ZOOLOGY_SIZE["vocab_size"])
+    parser.add_argument("--runs", type=Path, help="cache of finished runs (default <out>/runs)")
+    parser.add_argument("--partial", type=Path, help="checkpoints of unfinished runs (default runs/recall_zoology_partial)")
+    parser.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:N")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table and plot from the cache")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="train the other rows even at points where vanilla stayed below 0.95 at every lr")
+    parser.add_argument("--cost", type=int, default=0, metavar="STEPS",
+                        help="only time STEPS training steps per row and point and estimate the sweep's CPU hours")
+    return parser
+
+
+def zoology_cost(args, size: Dict, points, steps: int) -> Dict:
+    """Seconds per training step of every row at every point (after 2 untimed steps), and the sweep's worst
+    case (every run to its budget, every lr) in CPU hours at this thread count."""
+    rows, worst = [], 0.0
+    for point in points:
+        protocol = protocol_of(args, size, point)
+        for row, cfg in zoology_configs(size, point["S"], args.long_from).items():
+            if row not in args.rows:
+                continue
+            torch.manual_seed(0)
+            model = TMTModel(cfg)
+            model.lm_head = final_states
+            opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+            gen = torch.Generator().manual_seed(0)
+            times = []
+            for i in range(steps + 2):
+                ids, labels = zoology_batch(point["batch"], point["S"], point["pairs"], cfg.vocab_size, gen,
+                                            protocol["power_a"], protocol["random_non_queries"])
+                t = time.perf_counter()
+                logits, target = answer_logits(model, ids, labels)
+                F.cross_entropy(logits, target).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if i >= 2:
+                    times.append(time.perf_counter() - t)
+            step_s = sorted(times)[len(times) // 2]
+            run_h = step_s * point["max_sequences"] / point["batch"] / 3600
+            worst += run_h * len(args.lrs) * len(args.seeds)
+            rows.append({**point, "row": row, "step_seconds": step_s, "params": model.num_parameters(),
+                         "hours_per_run_at_budget": run_h})
+            print(f"S={point['S']} pairs={point['pairs']} batch={point['batch']} {row}: {step_s:.3f} s/step, "
+                  f"{run_h:.2f} h per run of {point['max_sequences']:,} sequences", flush=True)
+    print(f"worst case (every run to its budget): {worst:.1f} h", flush=True)
+    return {"rows": rows, "worst_case_hours": worst, "threads": torch.get_num_threads()}
+
+
+def zoology_main(argv: Optional[Sequence[str]] = None) -> Dict:
+    """The sweep (rows outer, so vanilla finishes at every point first; then points; then lrs), cached run by
+    run, then the table and plot from every cached run of the current protocol."""
+    args = zoology_parser().parse_args(argv)
+    size = {**ZOOLOGY_SIZE, "vocab_size": args.vocab}
+    if args.quick:
+        size.update(vocab_size=64, d_model=16, mlp_dim=32)
+        args.points, args.lrs, args.long_from = args.points or ["32:4:8:48"], [3e-3, 1e-2], 32
+        args.eval_every, args.test_queries, args.warmup_sequences = 16, 64, 16
+    args.points = args.points or list(ZOOLOGY_POINTS)
+    args.runs = args.runs or args.out / "runs"
+    args.partial = args.partial or (args.out / "partial" if args.quick else PARTIAL_DIR)
+    points = [parse_point(p) for p in args.points]
+    info = setup(args)
+    if args.cost:
+        result = zoology_cost(args, size, points, args.cost)
+        (args.out / "cost.json").write_text(json.dumps({**result, "machine": info}, indent=1) + "\n")
+        return result
+    if not args.table_only:
+        configs = {S: zoology_configs(size, S, args.long_from) for S in {p["S"] for p in points}}
+        # short points first (every row, vanilla first), then the long points (vanilla first): a long point costs
+        # ten times a short one per sequence
+        todo = [(row, point, lr, seed) for long in (False, True) for row in args.rows for point in points
+                if (point["S"] >= args.long_from) == long for lr in args.lrs for seed in args.seeds
+                if row in configs[point["S"]]]
+        tests = {}
+        for row, point, lr, seed in tqdm(todo, desc="recall_zoology sweep", disable=args.quick, mininterval=60):
+            protocol = protocol_of(args, size, point)
+            path = args.runs / f"{run_key(point, row, lr, seed, protocol)}.json"
+            partial = args.partial / f"{path.stem}.pt"
+            budget = point["max_sequences"]
+            if row != "vanilla":
+                vanilla = [load_run(args.runs / f"{run_key(point, 'vanilla', v, seed, protocol)}.json") for v in args.lrs]
+                if all(v is not None for v in vanilla):
+                    if not args.no_gate and max(v["best_accuracy"] for v in vanilla) < REACH:
+                        print(f"skip {row} at S={point['S']} pairs={point['pairs']}: vanilla stayed below {REACH}", flush=True)
+                        continue
+                    needed = [v["sequences_to_99"] for v in vanilla if v["sequences_to_99"]]
+                    if needed and args.budget_factor:
+                        budget = min(budget, math.ceil(args.budget_factor * min(needed) / args.eval_every) * args.eval_every)
+            others = [load_run(args.runs / f"{run_key(point, row, v, seed, protocol)}.json") for v in args.lrs if v != lr]
+            solved = [r["sequences_to_99"] for r in others if r is not None and r["sequences_to_99"]]
+            if solved and args.lr_factor:  # an lr this much slower than one already run cannot be the best
+                budget = min(budget, math.ceil(args.lr_factor * min(solved) / args.eval_every) * args.eval_every)
+            cached = load_run(path)
+            if cached is not None and not (cached["stopped"] == "budget" and cached["sequences"] < budget and partial.exists()):
+                continue
+            cfg = configs[point["S"]][row]
+            key = (point["S"], point["pairs"], seed)
+            if key not in tests:
+                tests[key] = held_out_set(point, size["vocab_size"], args.test_queries, seed, args.power_a, args.random_non_queries)
+            run = zoology_run(cfg, point, lr, seed, tests[key], protocol, partial, progress=not args.quick,
+                              desc=f"{row} S={point['S']} pairs={point['pairs']} lr={lr:g} seed={seed}", budget=budget,
+                              device=args.device)
+            run.update(row=row, lr=lr, seed=seed, point=point, budget=budget, protocol=protocol, code=code_version(),
+                       config=asdict(cfg), threads=torch.get_num_threads(), device=args.device)
+            args.runs.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, indent=1) + "\n")
+            tmp.replace(path)
+            if run["stopped"] != "budget":  # a run cut by its budget keeps its checkpoint: a longer budget continues it
+                partial.unlink(missing_ok=True)
+            print(f"cached {path.name}: accuracy {run['accuracy']:.4f}, to 0.95 {run['sequences_to_95']}, "
+                  f"{run['stopped']}, {run['seconds'] / 60:.1f} min", flush=True)
+    return zoology_report(args, size, points, info, argv)
+
+
+def load_run(path: Path) -> Optional[Dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
+    """Table (best lr per row and point against vanilla) and plot (held-out accuracy against training sequences,
+    one panel per point) of the cached runs of the current protocol."""
+    runs = []
+    for point in points:
+        protocol = protocol_of(args, size, point)
+        for row in ZOOLOGY_ROWS:
+            for lr in args.lrs:
+                for seed in args.seeds:
+                    run = load_run(args.runs / f"{run_key(point, row, lr, seed, protocol)}.json")
+                    if run is not None:
+                        runs.append(run)
+    order = lambda r: (r["best_accuracy"], -(r["sequences_to_95"] or math.inf))
+    best = {}
+    for r in runs:  # best lr per row, point (and seed)
+        k = (r["point"]["S"], r["point"]["pairs"], r["row"], r["seed"])
+        if k not in best or order(r) > order(best[k]):
+            best[k] = r
+    fmt_n = lambda n: "-" if n is None else f"{n / 1e3:,.0f}k"
+    table = []
+    for point in points:
+        for seed in args.seeds:
+            van = best.get((point["S"], point["pairs"], "vanilla", seed))
+            for row in ZOOLOGY_ROWS:
+                r = best.get((point["S"], point["pairs"], row, seed))
+                if r is None:
+                    continue
+                done = sum(1 for x in runs if (x["point"]["S"], x["point"]["pairs"], x["row"], x["seed"]) ==
+                           (point["S"], point["pairs"], row, seed))
+                ratio = (f"{r['sequences_to_95'] / van['sequences_to_95']:.2f}x"
+                         if van and r["sequences_to_95"] and van["sequences_to_95"] else "-")
+                table.append((point["S"], point["pairs"], row, f"{r['lr']:g}", f"{r['best_accuracy']:.3f}",
+                              f"{r['accuracy']:.3f}", fmt_n(r["sequences_to_95"]),
+                              "-" if van is None else f"{r['best_accuracy'] - van['best_accuracy']:+.3f}", ratio,
+                              f"{done}/{len(args.lrs)}", f"{r['params']:,}"))
+    maxima = ", ".join(f"S={p['S']}: {p['max_sequences']:,}" for p in points)
+    lines = [f"MQAR under Zoology's protocol (Arora et al. 2023, `multiquery_ar`): keys from the lower half of a "
+             f"{size['vocab_size']}-token vocabulary, values from the upper half, queries at power-law gaps "
+             f"(a={args.power_a}), {'random' if args.random_non_queries else 'zero'} tokens between queries. "
+             f"{size['n_layers']} layers, d_model {size['d_model']}, {size['n_heads']} head, rotary positions, no dropout; "
+             f"vanilla has a {size['mlp_dim']}-wide GELU MLP, every other row's FFN width is matched to its parameter "
+             f"count. Rows: `vanilla` (dense fused SDPA), `mesh` (TMTConfig.vanilla(use_mesh=True): k={TMTConfig.graph_k} "
+             f"similar earlier tokens by attention similarity plus a window of 8), `default` (every TMT part on but the "
+             f"exits), `routed` (the mesh alone with mesh_search='routed', points of S >= {args.long_from}). Fresh "
+             f"training batches of {', '.join(sorted({str(p['batch']) for p in points}))} sequences, AdamW (wd 0.1, betas "
+             f"0.9/0.98, clip 1.0, linear warm-up over {args.warmup_sequences:,} sequences, then constant), lr swept over "
+             f"{', '.join(f'{lr:g}' for lr in args.lrs)}; held-out accuracy at the query positions every "
+             f"{args.eval_every:,} sequences, early stop at {STOP_AT}. Budgets: vanilla up to the point's maximum "
+             f"({maxima} sequences); the other rows up to "
+             f"{args.budget_factor:g}x the sequences vanilla's best run needed to reach {STOP_AT} (within the maximum); the lrs "
+             f"run in the order listed, each later one at most {args.lr_factor:g}x the sequences the row's fastest earlier "
+             f"one needed to reach {STOP_AT} (a slower lr cannot be the best).",
+             "Best lr per row and point (highest held-out accuracy, then fewest sequences to 0.95); `vs vanilla`: "
+             "accuracy difference and the ratio of sequences to 0.95; `lrs done`: cached runs of the swept lrs.",
+             markdown_table(["S", "pairs", "row", "best lr", "best accuracy", "final accuracy", "sequences to 0.95",
+                             "vs vanilla", "to 0.95 vs vanilla", "lrs done", "params"], table),
+             "Every cached run:",
+             markdown_table(["S", "pairs", "batch", "budget", "row", "lr", "seed", "final accuracy", "best accuracy",
+                             "to 0.95", "to 0.99", "trained", "stopped", "minutes"],
+                            [(r["point"]["S"], r["point"]["pairs"], r["point"]["batch"], fmt_n(r["budget"]),
+                              r["row"], f"{r['lr']:g}", r["seed"], f"{r['accuracy']:.3f}", f"{r['best_accuracy']:.3f}",
+                              fmt_n(r["sequences_to_95"]), fmt_n(r["sequences_to_99"]), fmt_n(r["sequences"]),
+                              r["stopped"], f"{r['seconds'] / 60:.0f}") for r in runs])]
+    fig, axes = new_figure(ncols=len(points), width=5)
+    colors = dict(zip(ZOOLOGY_ROWS, ("C0", "C1", "C2", "C3")))
+    for ax, point in zip(axes, points):
+        for r in runs:
+            if (r["point"]["S"], r["point"]["pairs"]) != (point["S"], point["pairs"]):
+                continue
+            is_best = best.get((point["S"], point["pairs"], r["row"], r["seed"])) is r
+            xs, ys = [c["sequences"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]]
+            ax.plot(xs, ys, "-" if is_best else ":", color=colors[r["row"]], alpha=1.0 if is_best else 0.35,
+                    label=f"{r['row']} (lr {r['lr']:g})" if is_best else None)
+        ax.axhline(REACH, color="grey", lw=0.5)
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k")
+        ax.set(xlabel="training sequences", ylabel="held-out accuracy", ylim=(0, 1.02),
+               title=f"S={point['S']}, {point['pairs']} pairs")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    slim = [{k: v for k, v in r.items() if k != "config"} for r in runs]
+    result = finish(ZOOLOGY_NAME, args, info, lines, {"runs": slim, "size": size, "points": points}, fig, argv=argv)
+    result["command"] = result["command"].replace(f"benchmarks.{ZOOLOGY_NAME}", f"benchmarks.{NAME} --zoology")
+    for suffix in ("json", "md"):
+        path = args.out / f"{ZOOLOGY_NAME}.{suffix}"
+        path.write_text(path.read_text().replace(f"benchmarks.{ZOOLOGY_NAME}", f"benchmarks.{NAME} --zoology"))
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--zoology" in given:
+        return zoology_main([a for a in given if a != "--zoology"])
     parser = base_parser(__doc__.split("\n\n")[0], repeats=1)
     parser.add_argument("--points", nargs="+", default=["64:4", "64:8", "64:16", "128:16", "256:32"],
                         help="S:pairs points of the sweep")
