@@ -8,6 +8,7 @@ import torch
 from tmt_pyg.data import (CharVocab, SequenceLoader, WordVocab, associative_recall_corpus, dataset_root,
                           load_or_train_bpe, load_text_splits, variable_length_batches)
 from tmt_pyg.data import tokenizer as tokenizer_module
+from tmt_pyg.data.corpus import load_data
 
 DATA = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 WIKI, SHAKES = DATA / "wikitext-2", DATA / "tinyshakespeare"
@@ -252,3 +253,18 @@ def test_dataset_root_copies_read_only_data_once(tmp_path):
     assert [p.name for p in cache.iterdir()] == ["planetoid"]  # no staging folder left behind
     missing = dataset_root("geometric_shapes", shared, cache)  # no local copy: PyG downloads into this folder
     assert missing == cache / "geometric_shapes" and not missing.exists()
+
+
+def test_own_text_vocabularies_never_miss_a_unit(tmp_path):
+    """char: every character of every split; word: the training words and <unk> for the rest."""
+    (tmp_path / "train.txt").write_text("ab ab\n")
+    (tmp_path / "valid.txt").write_text("ab cd\n")
+    (tmp_path / "test.txt").write_text("é\n")
+    splits = ("train", "validation", "test")
+    tok, data = load_data("text", str(tmp_path), splits, tokenizer="char")
+    assert tok.itos == ["a", "b", " ", "\n", "c", "d", "é"]  # the training characters keep the first ids
+    assert [tok.decode(data[s][0]) for s in splits] == ["ab ab\n", "ab cd\n", "é\n"]
+    tok, data = load_data("text", str(tmp_path), splits, tokenizer="word")
+    assert tok.decode(data["validation"][0]) == "ab <unk> <eos>"
+    with pytest.raises(ValueError, match=r"the validation split: 'c' is not in the vocabulary"):
+        load_data("text", str(tmp_path), ("validation",), CharVocab.build(["ab "]))

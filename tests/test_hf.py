@@ -1,9 +1,13 @@
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from tmt_pyg import TMTConfig, tokens_to_batch
-from tmt_pyg.hf import TMTForCausalLM, TMTHFConfig
+from tmt_pyg.cli import main
+from tmt_pyg.data import CharVocab, WordVocab
+from tmt_pyg.hf import TMTForCausalLM, TMTHFConfig, vocab_tokenizer
+from tmt_pyg.train import load_run
+from test_cli import TINY_TRAIN
 from test_model import CONFIGS, SMALL, make_model
 
 
@@ -123,3 +127,30 @@ def test_clear_errors():
         model(ids, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
+
+
+def test_export_a_cli_run(tmp_path, capsys):
+    run, folder = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--steps", "2", "--out", str(run), *TINY_TRAIN, "--eval-batches", "1"]) == 0
+    assert main(["export", str(run), str(folder)]) == 0
+    assert f"TMTForCausalLM.from_pretrained('{folder}')" in capsys.readouterr().out
+    model, tok, _ = load_run(run)
+    loaded = TMTForCausalLM.from_pretrained(folder)
+    assert loaded.config.to_tmt_config() == model.config
+    text = "k3 v9 k7 v2 w5 <q> k7"
+    ids = AutoTokenizer.from_pretrained(folder)(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == tok.encode([text]).tolist()[:-1]  # the run's ids, without the line's closing eos
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_vocab_tokenizer_gives_the_same_ids(kind):
+    lines = ["Hello, wörld!  two  spaces", "\ttab and <unk>"]
+    vocab = CharVocab.build(lines) if kind == "char" else WordVocab.build(lines)
+    hf = vocab_tokenizer(vocab)
+    text = "\n".join(lines) + "\n" if kind == "char" else " <eos> ".join(lines) + " <eos>"
+    ids = vocab.encode(lines).tolist()
+    assert hf(text)["input_ids"] == ids and hf.decode(ids) == vocab.decode(ids)
+    if kind == "word":  # a word the vocabulary lacks reads as <unk>
+        assert hf("Hello, moon")["input_ids"] == [vocab.stoi["Hello,"], vocab.stoi["<unk>"]]

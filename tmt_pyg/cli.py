@@ -1,13 +1,14 @@
-"""``tmt-pyg``: the command line of the TemporalMesh Transformer (train, evaluate, calibrate, sample, benchmark,
-demo): its subcommands (their flags: ``tmt_pyg.cli_args``) and the dispatch to ``tmt_pyg.commands``."""
+"""``tmt-pyg``: the command line of the TemporalMesh Transformer (train, evaluate, calibrate, draft, sample, export,
+benchmark, demo): its subcommands (their flags: ``tmt_pyg.cli_args``) and the dispatch to ``tmt_pyg.commands``."""
 import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
 from . import commands
-from .cli_args import (TENSORBOARD_IN_OUT, add_data_args, add_model_args, add_runtime_args, add_train_args,
-                       apply_config_file, int_or_auto, number)
+from .cli_args import (TENSORBOARD_IN_OUT, add_data_args, add_data_dir_arg, add_model_args, add_runtime_args,
+                       add_train_args, apply_config_file, int_or_auto, number, threshold)
+from .demo import QUICK
 from .layers.slot_attention import set_compile
 from .train.distributed import CollectiveError
 
@@ -16,7 +17,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults (unless None / off) and keeps the line breaks of descriptions and examples."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False, "") else super()._get_help_string(action)
+        hidden = action.default is None or action.default is False or action.default == ""  # 0 is shown
+        return action.help if hidden else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="TemporalMesh Transformer (causal kNN mesh attention, temporal decay, adaptive exits) "
                     "on PyTorch Geometric.\nRun 'tmt-pyg <command> --help' for the options of a command.",
         epilog="examples:\n"
-               "  tmt-pyg demo                                   # TMT vs plain transformer, a few minutes on CPU\n"
+               "  tmt-pyg demo --quick                           # TMT vs plain transformer, about a minute on CPU\n"
+               "  tmt-pyg demo                                   # the same at nanoGPT's CPU size, about 13 min on 2 cores\n"
                "  tmt-pyg train --steps 500 --out runs/syn       # train on the embedded synthetic corpus\n"
                "  tmt-pyg eval runs/syn                          # PPL of the newest checkpoint\n"
                "  tmt-pyg generate runs/syn --prompt 'k3 v9 <q> k3'\n"
+               "  tmt-pyg export runs/syn hf/syn                 # a transformers folder (from_pretrained)\n"
                "  tmt-pyg bench --d-model 256 --seq-len 512")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -48,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             "SIGINT / SIGTERM finish the current step, write a checkpoint and exit with 130 / 143.",
             "  tmt-pyg train --steps 300 --d-model 128 --n-layers 2 --out runs/syn\n"
             "  tmt-pyg train --dataset wikitext-2 --data-dir data/ --seq-len 256 --bf16\n"
+            "  tmt-pyg train --dataset text --data-dir my_corpus/ --tokenizer char --out runs/mine\n"
             "  tmt-pyg train --dataset text --data-dir my_corpus/ --tokenizer bpe --bpe-vocab-size 4096\n"
             "  tmt-pyg train --vanilla --out runs/vanilla          # the same model, every TMT part off\n"
             "  tmt-pyg train --config run.yaml --lr 1e-3           # file values, one overridden\n"
@@ -60,11 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_args(p)
 
     p = sub("eval", "perplexity, recall accuracy, exit rate and work fraction of a checkpoint",
-            "Evaluate a checkpoint on a split of its dataset (or another one with the same tokenizer).",
+            "Evaluate a checkpoint on a split of its dataset (or another one with the same tokenizer). Prints the\n"
+            "exit threshold tau it ran with and where tau came from: --exit-threshold, `tmt-pyg calibrate` (stored\n"
+            "in the checkpoint) or the training config.",
             "  tmt-pyg eval runs/syn                                   # newest checkpoint of a run\n"
-            "  tmt-pyg eval runs/syn/checkpoints/step_00000300.pt --split test --json",
+            "  tmt-pyg eval runs/syn/checkpoints/step_00000300.pt --split test --json\n"
+            "  tmt-pyg eval runs/mine --data-dir ~/my_corpus --exit-threshold 1.0   # moved corpus, no token exits",
             checkpoint=True)
     p.add_argument("--split", default="validation", choices=("validation", "test"), help="split to evaluate")
+    p.add_argument("--exit-threshold", dest="exit_threshold", type=threshold, default=None,
+                   help="exit threshold tau in (0, 1] for this evaluation (default: the checkpoint's; 1.0: no token exits)")
     add_data_args(p, defaults=False)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="default: the training batch size")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=None, help="default: the training sequence length")
@@ -80,15 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=number(float, 0), default=0.02, help="allowed relative loss rise (0.02: 2%%)")
     p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split to calibrate on")
     p.add_argument("--max-batches", dest="max_batches", type=int, default=0, help="batches per evaluation (0: all)")
+    add_data_dir_arg(p)
     add_runtime_args(p, seed=False)
 
     p = sub("generate", "sample text from a checkpoint",
-            "Continue a prompt with a trained model (temperature / top-k / nucleus sampling).",
+            "Continue a prompt with a trained model (temperature / top-k / nucleus sampling). The model reads at most\n"
+            "max_seq_len tokens (the training --seq-len unless --max-seq-len was given): when the prompt and the\n"
+            "new tokens do not fit, the start of the prompt is dropped and a note on stderr says so.",
             "  tmt-pyg generate runs/syn --prompt 'k3 v9 k7 v2 w5 <q> k7' --max-new-tokens 5\n"
             "  tmt-pyg generate runs/wt2 --prompt 'The meaning of' --temperature 0.8 --top-p 0.9",
             checkpoint=True)
     p.add_argument("--prompt", default="", help="text to continue (empty: start from an end-of-line token)")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=50, help="tokens to generate")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=number(int, 1), default=None,
+                   help="tokens to generate, at most max_seq_len (default: 50, or fewer when the prompt leaves less "
+                        "room in the model's context, but at least half of max_seq_len)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (lower: more conservative)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
@@ -112,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new tokens per prompt (at most max_seq_len - prompt tokens)")
     p.add_argument("--draft-tokens", dest="draft_tokens", type=number(int, 1), nargs="+", default=[2, 4], help="d values to try")
     p.add_argument("--repeats", type=number(int, 1), default=3, help="timed calls of every variant (median)")
+    add_data_dir_arg(p)
     add_runtime_args(p)
+
+    p = sub("export", "write a run as a HuggingFace transformers folder (model and tokenizer)",
+            "Save the newest checkpoint of a run (or a checkpoint file) with save_pretrained into OUT_DIR: config.json\n"
+            "and the weights of tmt_pyg.hf.TMTForCausalLM (calibrated tau included) and the run's tokenizer, so that\n"
+            "TMTForCausalLM.from_pretrained(OUT_DIR) and transformers' AutoTokenizer.from_pretrained(OUT_DIR) load them.",
+            "  tmt-pyg export runs/demo/tmt hf/tmt-shakespeare",
+            checkpoint=True)
+    p.usage = "%(prog)s CHECKPOINT OUT_DIR"
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing)")
 
     p = sub("bench", "tokens/s of a configuration (forward and training step) on random tokens",
             "Measure forward (eval mode) and training-step throughput of a model configuration on random\n"
@@ -129,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_runtime_args(p)
 
+    quick_flags = [{"draft": "--no-draft", "out_dir": f"--out {QUICK['out_dir']}"}.get(k, f"--{k.replace('_', '-')} {v}")
+                   for k, v in QUICK.items()]
     p = sub("demo", "TMT vs a plain transformer on Tiny Shakespeare at nanoGPT's CPU configuration (minutes on CPU)",
             "Train a TMT (the default configuration) and a plain transformer (the same TMTModel with mesh, decay,\n"
             "exits, anchors and dual stream switched off: fused SDPA attention, MLP widened to the same parameter\n"
@@ -136,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
             "batch 12, 2000 steps, lr 1e-3, dropout 0) on the Tiny Shakespeare corpus shipped with the package;\n"
             "calibrate TMT's exit threshold, print a table, a sample from each and plot both loss curves.\n"
             "No download needed; --dataset synthetic runs the embedded associative-recall corpus instead.",
+            "  tmt-pyg demo --quick                 # smaller models, fewer steps: about a minute on 2 cores\n"
             "  tmt-pyg demo\n"
             "  tmt-pyg demo --steps 500 --out runs/demo_short\n"
             "  tmt-pyg demo --dataset synthetic --seq-len 128 --batch-size 16 --lr 3e-3")
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute on 2 CPU cores: " + ", ".join(quick_flags) + " (flags given with it win)")
     p.add_argument("--dataset", choices=("tinyshakespeare", "synthetic"), default="tinyshakespeare", help="corpus")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per model")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=12, help="sequences per step")
@@ -152,12 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both models (cosine to lr/10)")
     p.add_argument("--eval-every", dest="eval_every", type=int, default=250, help="steps between evaluations")
     p.add_argument("--eval-batches", dest="eval_batches", type=int, default=40,
-                   help="validation batches of the evaluations during training and of calibration (the final one uses all)")
+                   help="validation batches of the evaluations during training and of calibration")
+    p.add_argument("--final-eval-batches", dest="final_eval_batches", type=number(int, 0), default=0,
+                   help="validation batches of the final evaluations, the table's (0: all)")
     p.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=0.5,
                    help="TMT's early-exit LM loss weight (the study's recipe)")
     p.add_argument("--layer-dropout", dest="layer_dropout", type=float, default=0.0,
                    help="TMT's LayerSkip layer dropout (the rate of the last layer)")
     p.add_argument("--tolerance", type=float, default=0.02, help="loss rise allowed by the exit calibration")
+    p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="choose TMT's self-speculative drafting, as tmt-pyg draft does")
     p.add_argument("--prompt", default=None, help="prompt of the samples (default: 'ROMEO:' for Tiny Shakespeare, else none)")
     p.add_argument("--sample-tokens", dest="sample_tokens", type=int, default=200, help="tokens sampled from each model")
     p.add_argument("--synthetic-tokens", dest="synthetic_tokens", type=int, default=400_000, help="size of the synthetic corpus")
@@ -171,6 +205,9 @@ def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quick", False):  # the quick demo's values as defaults, so that flags given with it win
+        args.subparser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     if getattr(args, "config", None):
         args = apply_config_file(parser, argv, args)
     if getattr(args, "no_compile", False):

@@ -1,6 +1,7 @@
 """The argument groups of the ``tmt-pyg`` subcommands (model, runtime, data, training), the argparse
 types they check values with, and ``--config`` files as defaults of a subcommand."""
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from .data.corpus import DEFAULT_TOKENIZER
 from .train.distributed import DEFAULT_TIMEOUT_S
 
 TENSORBOARD_IN_OUT = "<out>/tensorboard"  # what a bare --tensorboard means, resolved once --out is known
+WARMUP_SHARE = 0.1  # the default warmup takes at most this share of a run's steps
 
 
 def number(kind: type, minimum, inclusive: bool = True):
@@ -19,6 +21,14 @@ def number(kind: type, minimum, inclusive: bool = True):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def threshold(text: str) -> float:
+    """argparse type: an exit threshold tau in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
 
 
 def int_or_auto(text: str):
@@ -36,7 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from .layers.mesh import BACKENDS, SEARCHES
     from .models.config import GATE_LOSSES, MESH_SIMILARITIES, TMTConfig
 
-    d = TMTConfig()
+    # the field defaults as declared: TMTConfig() would show what __post_init__ resolves -1 / auto to
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TMTConfig)})
     g = p.add_argument_group("model (TMTConfig)")
     g.add_argument("--d-model", dest="d_model", type=int, default=d.d_model, help="model width D")
     g.add_argument("--n-heads", dest="n_heads", type=int, default=d.n_heads, help="attention heads (must divide D)")
@@ -52,7 +63,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=d.mlp_dim, help="hidden width of the plain MLP (with --no-dual-stream)")
     g.add_argument("--decay-rate", dest="decay_rate", type=float, default=d.decay_rate, help="initial temporal decay rate per head")
     g.add_argument("--exit-threshold", dest="exit_threshold", type=float, default=d.exit_threshold, help="gate confidence above which a token exits")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout on embeddings, residual branches, attention")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout on embeddings and residual branches")
+    g.add_argument("--attn-dropout", dest="attn_dropout", type=float, default=d.attn_dropout,
+                   help="dropout on attention weights (0 keeps the plain transformer on the fused SDPA kernel)")
     g.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=None, help="longest sequence the model accepts (default: --seq-len)")
     g.add_argument("--mesh-backend", dest="mesh_backend", choices=BACKENDS, default=d.mesh_backend, help="kNN search backend")
     g.add_argument("--mesh-search", dest="mesh_search", choices=SEARCHES, default=d.mesh_search,
@@ -95,18 +108,30 @@ def add_runtime_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The data options of ``train`` (``defaults``), or of a command that reads a run's data (eval): then every
+    option defaults to what the run stored."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DEFAULT_TOKENIZER), default="synthetic" if defaults else None,
                    help="corpus: 'synthetic' is embedded and 'tinyshakespeare' ships with the package (no download); "
-                        "'text' reads --data-dir/{train,valid,test}.txt")
+                        "'text' reads --data-dir/{train,valid,test}.txt" + ("" if defaults else " (default: the run's)"))
+    if not defaults:
+        add_data_dir_arg(g)
+        return
     g.add_argument("--data-dir", dest="data_dir", type=existing_dir, default=None,
-                   help="folder with train.txt / valid.txt / test.txt (offline); without it WikiText comes from the HF hub")
-    if defaults:
-        g.add_argument("--tokenizer", default="auto",
-                       help="word | char | bpe | path of a local HF tokenizer folder (auto: word for wikitext-2 and "
-                            "synthetic, char for tinyshakespeare, bpe otherwise)")
-        g.add_argument("--bpe-vocab-size", dest="bpe_vocab_size", type=int, default=8192, help="vocabulary size of a trained BPE")
-        g.add_argument("--synthetic-tokens", dest="synthetic_tokens", type=int, default=400_000, help="training tokens of the synthetic corpus")
+                   help="folder with train.txt / valid.txt / test.txt (offline; the run stores its absolute path); "
+                        "without it WikiText comes from the HF hub")
+    g.add_argument("--tokenizer", default="auto",
+                   help="word (the training words, others read as <unk>) | char (every character of all the split "
+                        "files) | bpe (trained on the training split) | path of a local HF tokenizer folder (auto: word "
+                        "for wikitext-2 and synthetic, char for tinyshakespeare, bpe otherwise)")
+    g.add_argument("--bpe-vocab-size", dest="bpe_vocab_size", type=int, default=8192, help="vocabulary size of a trained BPE")
+    g.add_argument("--synthetic-tokens", dest="synthetic_tokens", type=int, default=400_000, help="training tokens of the synthetic corpus")
+
+
+def add_data_dir_arg(p) -> None:
+    """``--data-dir`` of the commands that read a run's held-out data (eval, calibrate, draft)."""
+    p.add_argument("--data-dir", dest="data_dir", type=existing_dir, default=None,
+                   help="folder of the run's corpus (default: the folder the run stored at training time)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -121,7 +146,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", dest="grad_accum", type=size, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=number(float, 0, inclusive=False), default=d.lr, help="peak learning rate")
     g.add_argument("--min-lr", dest="min_lr", type=number(float, 0), default=d.min_lr, help="final learning rate of the cosine decay")
-    g.add_argument("--warmup", type=count, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--warmup", type=count, default=None,
+                   help=f"linear warmup steps (default: {d.warmup}, at most {WARMUP_SHARE * 100:.0f}%% of --steps)")
     g.add_argument("--weight-decay", dest="weight_decay", type=number(float, 0), default=d.weight_decay, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad-clip", dest="grad_clip", type=number(float, 0), default=d.grad_clip, help="max gradient norm (0: off)")
     g.add_argument("--clip-gates-apart", dest="clip_gates_apart", action=argparse.BooleanOptionalAction, default=d.clip_gates_apart,

@@ -4,6 +4,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -11,10 +12,13 @@ from .data.corpus import checkpoint_extra, load_data, make_loader
 from .models import TMTConfig, TMTModel, count_parameters, match_parameters
 from .models.generation import sample_next
 from .models.speculative import choose_drafting, held_out_prompts
-from .train import (Trainer, TrainConfig, calibrate_threshold, evaluate_at_threshold, find_checkpoint, load_checkpoint,
-                    read_metrics, seed_everything, write_atomic)
+from .train import (Trainer, TrainConfig, calibrate_threshold, calibration_record, evaluate_at_threshold, find_checkpoint,
+                    load_checkpoint, read_metrics, seed_everything, write_atomic)
 
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT's README: its CPU configuration on Tiny Shakespeare
+# `demo --quick`: smaller models for fewer steps, about a minute on 2 CPU cores (flags given with it still win)
+QUICK = dict(steps=250, d_model=64, n_layers=2, lr=3e-3, eval_every=125, eval_batches=4, final_eval_batches=20,
+             sample_tokens=100, draft=False, out_dir="runs/demo-quick")
 
 
 def run_demo(args: argparse.Namespace) -> Path:
@@ -46,24 +50,25 @@ def run_demo(args: argparse.Namespace) -> Path:
         row = {"parameters": model.num_parameters(), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                "train_time_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        row.update(evaluate_at_threshold(model, val, None), eval_time_s=time.perf_counter() - t0)
+        row.update(evaluate_at_threshold(model, val, None, args.final_eval_batches), eval_time_s=time.perf_counter() - t0)
         if mcfg.use_exit:  # tau for at most +tolerance loss, picked on the validation split, then timed there
-            calib = calibrate_threshold(model, val, args.tolerance, max_batches=args.eval_batches)
-            row["tau"] = tau = calib["threshold"] or 1.0
+            calib = calibration_record(calibrate_threshold(model, val, args.tolerance, max_batches=args.eval_batches),
+                                       "validation")
+            row["tau"] = tau = calib["threshold"]
             t0 = time.perf_counter()
-            at_tau = evaluate_at_threshold(model, val, tau)
+            at_tau = evaluate_at_threshold(model, val, tau, args.final_eval_batches)
             row.update(eval_time_tau_s=time.perf_counter() - t0, loss_tau=at_tau["loss"], exit_rate=at_tau["exit_rate"],
                        work_fraction=at_tau["work_fraction"])
             model.config.exit_threshold = tau
-            if mcfg.n_layers > 1:
+            if args.draft and mcfg.n_layers > 1:
                 row["drafting"] = choose_drafting(model, held_out_prompts(data["validation"][0], 1, args.seq_len // 4, args.seed),
                                                   args.seq_len - args.seq_len // 4)
-                store_in_checkpoint(out / name.lower(), exit_threshold=tau, speculative=row["drafting"])
+            store_in_checkpoint(out / name.lower(), calib, row.get("drafting"))
         rows[name] = row
         text = args.prompt if args.prompt is not None else "ROMEO:" if args.dataset == "tinyshakespeare" else ""
         prompt = torch.tensor([tok.encode([text]).tolist()[:-1] or tok.encode([""]).tolist()])
         samples[name] = tok.decode(sample_cropped(model, prompt, args.sample_tokens, torch.Generator().manual_seed(args.seed)))
-    table = demo_table(rows, args.dataset == "tinyshakespeare")
+    table = demo_table(rows, args.dataset == "tinyshakespeare", args.final_eval_batches)
     if "drafting" in rows.get("TMT", {}):
         table += "\n\n" + drafting_line(rows["TMT"]["drafting"])
     text = table + "\n\n" + "\n\n".join(f"**{name}** sample:\n\n```\n{sample}\n```" for name, sample in samples.items())
@@ -75,12 +80,15 @@ def run_demo(args: argparse.Namespace) -> Path:
     return out
 
 
-def store_in_checkpoint(run: Path, exit_threshold: float, speculative: dict) -> None:
-    """Keep the calibrated tau and the chosen drafting in the run's newest checkpoint (eval, generate use them)."""
+def store_in_checkpoint(run: Path, calibration: dict, speculative: Optional[dict]) -> None:
+    """Keep the calibration (its tau) and the chosen drafting (if any) in the run's newest checkpoint, as
+    ``tmt-pyg calibrate`` and ``draft`` do (eval, generate use them)."""
     file = find_checkpoint(run)
     state = load_checkpoint(file)
-    state["model_config"]["exit_threshold"] = exit_threshold
-    state["speculative"] = speculative
+    state["model_config"]["exit_threshold"] = calibration["threshold"]
+    state["calibration"] = calibration
+    if speculative is not None:
+        state["speculative"] = speculative
     write_atomic(state, file)
 
 
@@ -107,13 +115,14 @@ def sample_cropped(model: TMTModel, prompt, new_tokens: int, generator: torch.Ge
     return ids[0].tolist()
 
 
-def demo_table(rows: dict, shakespeare: bool) -> str:
-    """Markdown table, one column per model."""
+def demo_table(rows: dict, shakespeare: bool, val_batches: int = 0) -> str:
+    """Markdown table, one column per model; ``val_batches``: the validation batches scored (0: all)."""
     fmt = {"parameters": "{:,}", "train_tokens": "{:,}", "loss": "{:.4f}", "train_time_s": "{:.0f} s",
            "eval_time_s": "{:.1f} s", "tau": "{:.3f}", "loss_tau": "{:.4f}", "eval_time_tau_s": "{:.1f} s",
            "exit_rate": "{:.3f}", "work_fraction": "{:.3f}"}
     label = {"parameters": "parameters", "train_tokens": "training tokens",
-             "loss": "val loss" + (f" (nanoGPT: {NANOGPT_VAL_LOSS})" if shakespeare else ""),
+             "loss": "val loss" + (f", {val_batches} batches" if val_batches else "")
+                     + (f" (nanoGPT: {NANOGPT_VAL_LOSS})" if shakespeare else ""),
              "train_time_s": "train time", "eval_time_s": "eval time (exits off)", "tau": "calibrated exit threshold tau",
              "loss_tau": "val loss at tau", "eval_time_tau_s": "eval time at tau", "exit_rate": "exit rate at tau",
              "work_fraction": "work fraction at tau"}

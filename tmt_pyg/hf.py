@@ -1,6 +1,7 @@
 """HuggingFace ``transformers`` wrappers: ``TMTHFConfig`` and ``TMTForCausalLM`` (``save_pretrained``,
 ``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as ``past_key_values``."""
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -159,6 +160,37 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         logits[keep] = flat
         return CausalLMOutputWithPast(loss=loss, logits=logits[:, -logits_to_keep:],
                                       past_key_values=past_key_values if cached else None)
+
+
+def vocab_tokenizer(vocab):
+    """A :class:`~tmt_pyg.data.WordVocab` / ``CharVocab`` as a ``transformers`` fast tokenizer: the same ids for
+    the same words / characters (it appends no end-of-line token; the vocabulary's ``eos`` is a unit like any)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    unk = vocab.unk if vocab.unk in vocab.stoi else None
+    backend = Tokenizer(models.WordLevel(vocab.stoi, unk_token=unk))
+    if vocab.sep == "":  # characters, newlines included, joined as they are
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+    else:  # whitespace-separated words, joined by one space
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk)
+
+
+def export_run(run, out_dir) -> list:
+    """Write a trained run (folder: its newest checkpoint; or a checkpoint file) as a ``transformers`` folder:
+    :class:`TMTForCausalLM` by ``save_pretrained`` (calibrated tau included) and the run's tokenizer (a BPE as
+    it is, a word / char vocabulary through :func:`vocab_tokenizer`). Returns the names of the files written."""
+    from .data.tokenizer import HFTokenizer
+    from .train import load_run
+
+    model, tok, _ = load_run(run)
+    hf_model = TMTForCausalLM(TMTHFConfig.from_tmt_config(model.config))
+    hf_model.tmt.load_state_dict(model.state_dict())
+    hf_model.save_pretrained(out_dir)
+    (tok.tokenizer if isinstance(tok, HFTokenizer) else vocab_tokenizer(tok)).save_pretrained(out_dir)
+    return sorted(path.name for path in Path(out_dir).iterdir())
 
 
 # `AutoConfig` / `AutoModelForCausalLM.from_pretrained(path)` work once this module is imported

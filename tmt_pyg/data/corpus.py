@@ -38,7 +38,9 @@ def load_data(dataset: str, data_dir: Optional[str], splits: tuple, tok=None, to
     """Returns ``(tokenizer, {split: (stream, node_fields)})``; builds the tokenizer on the training text unless given.
 
     ``dataset`` is a key of :data:`DEFAULT_TOKENIZER`; ``tokenizer`` is ``auto`` (that default), ``word``,
-    ``char``, ``bpe`` or the path of a local HF tokenizer. The synthetic corpus has no line ends: its
+    ``char``, ``bpe`` or the path of a local HF tokenizer. A ``word`` vocabulary holds the words of the training
+    split (others read as ``<unk>``), a ``char`` vocabulary every character of every split the corpus has (train,
+    validation, test), a BPE is trained on the training split. The synthetic corpus has no line ends: its
     query marker ``<q>`` stands in as the vocabulary's ``eos``.
     """
     if dataset == "synthetic":
@@ -61,16 +63,28 @@ def load_data(dataset: str, data_dir: Optional[str], splits: tuple, tok=None, to
         kind = DEFAULT_TOKENIZER[dataset] if tokenizer == "auto" else tokenizer
         if kind == "word":
             tok = WordVocab.build(lines["train"])
+            if tok.unk not in tok.stoi:  # WikiText's train split has <unk>; other text gets it here
+                tok = WordVocab(tok.itos + [tok.unk])
         elif kind == "char":
-            tok = CharVocab.build(lines["train"])
+            tok = CharVocab.build(line for split in lines.values() for line in split)
         else:
             tok = load_or_train_bpe(lines["train"], bpe_vocab_size, Path(cache_dir) / "tokenizers",
                                     name_or_path=None if kind == "bpe" else kind)
-    return tok, {split: (tok.encode(lines[split]), None) for split in splits}
+    return tok, {split: (encode_checked(tok, lines[split], f"the {split} split"), None) for split in splits}
+
+
+def encode_checked(tok, lines, what: str):
+    """``tok.encode(lines)``; a unit the vocabulary lacks (and cannot read as unknown) is a ValueError naming ``what``."""
+    try:
+        return tok.encode(lines)
+    except KeyError as e:
+        raise ValueError(f"{what}: {e.args[0]}") from None
 
 
 def checkpoint_extra(tok, dataset: str, data_dir: Optional[str], synthetic_tokens: int) -> dict:
-    """What eval / generate need besides the weights: the data spec and the tokenizer itself."""
+    """What eval / generate need besides the weights: the data spec (``data_dir`` made absolute, so that the run
+    works from any folder) and the tokenizer itself."""
+    data_dir = None if data_dir is None else str(Path(data_dir).resolve())
     return {"data": {"dataset": dataset, "data_dir": data_dir, "synthetic_tokens": synthetic_tokens},
             "tokenizer": tokenizer_state(tok)}
 

@@ -62,3 +62,9 @@ def calibrate_threshold(model, loader, tolerance: float = 0.02, max_batches: int
             hi = mid - 1
     return {"threshold": best, "tolerance": tolerance, "exits_off": base, "loss_limit": limit,
             "chosen": points.get(best), "points": [{"threshold": t, **points[t]} for t in sorted(points)]}
+
+
+def calibration_record(result: Dict, split: str) -> Dict:
+    """What a checkpoint keeps of :func:`calibrate_threshold`'s ``result`` (``calibration``): tau (1.0 when no
+    candidate kept the loss: no token exits), the tolerance, the evaluated points and the ``split`` used."""
+    return {**result, "threshold": 1.0 if result["threshold"] is None else result["threshold"], "split": split}
