@@ -1,5 +1,5 @@
 """Multi-query associative recall (MQAR, the "Zoology" task of Arora et al. 2023): can the mesh find
-what attention finds? Vanilla, the seed's pure kNN mesh and mesh variants (a local window of previous
+what attention finds? Vanilla, the original pure kNN mesh (state similarity) and mesh variants (a local window of previous
 tokens as extra slots) at equal parameters, data and steps; accuracy on the answers.
 
 A sequence holds ``pairs`` key-value pairs ``k1 v1 k2 v2 ...`` (distinct keys from the lower half of
@@ -10,7 +10,7 @@ Every finished run is cached as JSON under ``--runs``, so an interrupted sweep c
 
     python -m benchmarks.recall --threads 2
 
-``--variants`` instead trains the shipped default model and its ablation arms (issue 23: the whole
+``--variants`` instead trains the shipped default model and its ablation arms (the whole
 default model must recall, not only its mesh) over ``--seeds`` at one point and learning rate, logs
 the attention mass that goes to the memory anchors and the learned decay rates during training, and
 writes ``recall_default.md``/``.json``: mean and spread over seeds of every arm cached in ``--runs``
@@ -85,7 +85,7 @@ def recall_loss(logits: torch.Tensor, ids: torch.Tensor, answer: torch.Tensor) -
 
 
 def model_configs(size: Dict, window: int) -> Dict[str, TMTConfig]:
-    """Vanilla, the seed's pure mesh (state similarity) and the mesh variants: a window of previous
+    """Vanilla, the original pure mesh (state similarity) and the mesh variants: a window of previous
     tokens, the attention similarity (queries search keys), both. All without exits, anchors or
     decay (the recall mechanism under test is the attention graph); every mesh variant has the
     pure mesh's parameters, vanilla's MLP width is matched to them."""
@@ -114,6 +114,17 @@ VARIANTS = {
     "default-no-exit": dict(use_mesh=True, use_decay=True, use_anchors=True, dual_stream=True),
     "default": dict(use_mesh=True, use_decay=True, use_anchors=True, dual_stream=True, use_exit=True),
 }
+
+
+def finish_as_recall(name: str, flag: str, args, info, report, payload: Dict, fig, argv) -> Dict:
+    """:func:`finish` for a result file ``name`` of this script: ``finish`` names the command after the
+    result file, so the command written (returned, and in the .json/.md) is ``benchmarks.recall<flag>``."""
+    result = finish(name, args, info, report, payload, fig, argv=argv)
+    result["command"] = result["command"].replace(f"benchmarks.{name}", f"benchmarks.{NAME}{flag}")
+    for suffix in ("json", "md"):
+        path = args.out / f"{name}.{suffix}"
+        path.write_text(path.read_text().replace(f"benchmarks.{name}", f"benchmarks.{NAME}{flag}"))
+    return result
 
 
 def variant_config(size: Dict, variant: str) -> TMTConfig:
@@ -265,13 +276,7 @@ def variants_main(args, size: Dict, info: Dict, argv: Optional[Sequence[str]]) -
     axes[0].set_yticks(range(len(rows)), [f"{r['label']} {r['variant']}".strip() for r in rows])
     axes[0].set(xlabel="MQAR accuracy (mean ± std over seeds)", title=f"MQAR {pairs} pairs, S={S}, {args.steps} steps")
     axes[0].grid(alpha=0.3)
-    result = finish(VARIANTS_NAME, args, info, report, {"rows": rows, "runs": runs, "size": size}, fig, argv=argv)
-    # finish names the command after the result file; the script is benchmarks.recall
-    result["command"] = result["command"].replace(f"benchmarks.{VARIANTS_NAME}", f"benchmarks.{NAME}")
-    for suffix in ("json", "md"):
-        path = args.out / f"{VARIANTS_NAME}.{suffix}"
-        path.write_text(path.read_text().replace(f"benchmarks.{VARIANTS_NAME}", f"benchmarks.{NAME}"))
-    return result
+    return finish_as_recall(VARIANTS_NAME, "", args, info, report, {"rows": rows, "runs": runs, "size": size}, fig, argv)
 
 
 VARIANTS_NAME = "recall_default"
@@ -709,12 +714,8 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     slim = [{k: v for k, v in r.items() if k != "config"} for r in runs]
-    result = finish(ZOOLOGY_NAME, args, info, lines, {"runs": slim, "size": size, "points": points}, fig, argv=argv)
-    result["command"] = result["command"].replace(f"benchmarks.{ZOOLOGY_NAME}", f"benchmarks.{NAME} --zoology")
-    for suffix in ("json", "md"):
-        path = args.out / f"{ZOOLOGY_NAME}.{suffix}"
-        path.write_text(path.read_text().replace(f"benchmarks.{ZOOLOGY_NAME}", f"benchmarks.{NAME} --zoology"))
-    return result
+    return finish_as_recall(ZOOLOGY_NAME, " --zoology", args, info, lines, {"runs": slim, "size": size, "points": points},
+                            fig, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
