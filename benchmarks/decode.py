@@ -23,7 +23,7 @@ from tmt_pyg.layers.slot_attention import compile_enabled
 
 NAME = "decode"
 TARGET_RATIO = 1.0  # TMT's new tokens/s against GPT-2's
-VANILLA_TARGET = 1.3  # the vanilla config's, through TMT's decoder (the decoding issue's target)
+VANILLA_TARGET = 1.3  # the vanilla config's, through TMT's decoder (the target it is measured against)
 
 
 def gpt2_like(cfg: TMTConfig, max_len: int) -> GPT2LMHeadModel:

@@ -1,5 +1,5 @@
 """Evaluation of a trained model at its calibrated exit threshold against exits off: loss, work
-fraction and seconds, the two called alternately. Target (exits-and-decoding issue): evaluation at
+fraction and seconds, the two called alternately. Target: evaluation at
 tau takes <= (work fraction + 0.05) x the exits-off time.
 
     python -m benchmarks.exit_eval --run runs/demo/tmt --threads 2

@@ -3,7 +3,7 @@
 The exit fraction is forced honestly: a forward hook replaces the first block's exit-gate output by
 a fixed confidence vector (a random subset of tokens at 1.0, the rest at 0.0) and the later gates'
 by 0, so exactly that subset is frozen and skipped in layers 2..L (eval mode, exits on).
-Target (exits-and-decoding issue): at 50 % exited, forward time <= 0.66x the no-exit time (floor 0.625x).
+Target: at 50 % exited, forward time <= 0.66x the no-exit time (floor 0.625x).
 
     python -m benchmarks.exit_speed --threads 2
 """

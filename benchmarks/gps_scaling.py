@@ -210,7 +210,7 @@ def speed_up(dense: Dict, guess: Dict, mesh_row: Dict) -> str:
 
 
 def target_lines(dense: Dict, guess: Dict, mesh: Dict) -> List[str]:
-    """The issue's targets against this run: the step-time ratios at 4k and 16k nodes, and the growth of
+    """The targets against this run: the step-time ratios at 4k and 16k nodes, and the growth of
     MeshGPSConv's peak from 4k nodes (or the smallest size) to the largest against the growth of the nodes
     (linear: within 1.25x of it)."""
     lines = []

@@ -1,7 +1,7 @@
 """Decoding after a long prompt: new tokens/s of the decode steps alone (the prompt's cache is built
 once, then every timed run decodes from it again), vanilla through TMT's decoder (fused SDPA over the
-cache) against TMT with the exact and with the routed mesh search, equal parameters. Target
-(routed-search issue): routed TMT >= 3x the vanilla decoder's tokens/s with a 16k prompt at B=1.
+cache) against TMT with the exact and with the routed mesh search, equal parameters. Target:
+routed TMT >= 3x the vanilla decoder's tokens/s with a 16k prompt at B=1.
 
     python -m benchmarks.long_decode --threads 2
 """

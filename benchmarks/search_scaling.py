@@ -1,6 +1,6 @@
 """Throughput against the sequence length: fused-SDPA vanilla, TMT with the exact mesh search (over all
 heads' queries and keys, and over one head's: ``search_heads=1``) and TMT with the routed search
-(``mesh_search="routed"``), at equal parameters, plus one layer's mesh search alone. Targets (routed-search issue), TMT / vanilla tokens/s: inference >= 1.0x / 2x / 4x and training
+(``mesh_search="routed"``), at equal parameters, plus one layer's mesh search alone. Targets, TMT / vanilla tokens/s: inference >= 1.0x / 2x / 4x and training
 >= 1.0x / 1.5x / 3x at S = 1024 / 4096 / 16384.
 
     python -m benchmarks.search_scaling --threads 2

@@ -1,7 +1,7 @@
 """One layer's attention core alone: fused causal SDPA (dense attention over all earlier tokens)
 against the slot attention over the default mesh table (k = 8 content slots, a window of 8, the
 self slot, 8 memory anchors), eager and as the compiled fused op. Forward without gradients, and
-forward + backward. Targets (fused-slot issue, 2 threads, S = 1024): fused slots' forward <= 0.5x
+forward + backward. Targets (2 threads, S = 1024): fused slots' forward <= 0.5x
 SDPA's time, forward + backward <= 1.0x.
 
     python -m benchmarks.slot_core --threads 2

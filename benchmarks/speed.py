@@ -2,7 +2,7 @@
 TMT without anchors, a mesh-only model and the vanilla transformer with equal parameter counts, against S.
 Vanilla is the strongest plain configuration: fused ``scaled_dot_product_attention(is_causal=True)``
 (no attention dropout, no mask). TMT's slot attention runs as the compiled fused op unless
-``TMT_PYG_COMPILE=0``. Targets (fused-slot issue): TMT / vanilla throughput, training >= 0.85x / 1.1x
+``TMT_PYG_COMPILE=0``. Targets: TMT / vanilla throughput, training >= 0.85x / 1.1x
 and inference >= 1.0x / 1.2x at S = 1024 / 4096; anchors on cost <= 1.1x anchors off.
 
     python -m benchmarks.speed --threads 2
