@@ -287,7 +287,7 @@ VARIANTS_NAME = "recall_default"
 ZOOLOGY_NAME = "recall_zoology"
 ZOOLOGY_DIR = RESULTS_DIR / ZOOLOGY_NAME
 PARTIAL_DIR = Path(__file__).resolve().parents[1] / "runs" / "recall_zoology_partial"  # git-ignored checkpoints
-ZOOLOGY_ROWS = ("vanilla", "mesh", "default", "routed")
+ZOOLOGY_ROWS = ("vanilla", "mesh", "default", "routed", "window")
 # Zoology's figure 2: 2 layers, d_model 64, one head, vocabulary 8192. Its blocks have no MLP; ours keep a narrow
 # one (2 x d_model) that every row shares, the other rows' FFN widths matched to vanilla's parameter count.
 ZOOLOGY_SIZE = dict(vocab_size=8192, d_model=64, n_heads=1, n_layers=2, dropout=0.0, rope=True, mlp_dim=128)
@@ -345,14 +345,17 @@ def parse_point(spec: str) -> Dict:
 def zoology_configs(size: Dict, S: int, long_from: int = 512) -> Dict[str, TMTConfig]:
     """The rows at length ``S``: vanilla (dense fused SDPA), mesh (``TMTConfig.vanilla`` with the mesh on, its
     window and similarity at TMTConfig's defaults), default (the shipped default with the exits off) and, from
-    ``S >= long_from``, routed (the mesh alone with ``mesh_search="routed"``); FFN widths matched to vanilla's
-    parameter count."""
+    ``S >= long_from``, routed (the mesh alone with ``mesh_search="routed"``), and the window-only control (the
+    mesh's slots as a window of the previous tokens, no content search: it can only recall keys that lie near);
+    FFN widths matched to vanilla's parameter count."""
     size = {**size, "max_seq_len": S}
     vanilla = TMTConfig.vanilla(**size)
     configs = {"vanilla": vanilla, "mesh": TMTConfig.vanilla(**size, use_mesh=True),
                "default": TMTConfig(**size, use_exit=False)}
     if S >= long_from:
         configs["routed"] = TMTConfig.vanilla(**size, use_mesh=True, mesh_search="routed")
+    mesh = configs["mesh"]
+    configs["window"] = TMTConfig.vanilla(**size, use_mesh=True, graph_k=0, mesh_window=mesh.graph_k + mesh.mesh_window)
     target = count_parameters(vanilla)
     return {row: cfg if row == "vanilla" else match_parameters(cfg, target) for row, cfg in configs.items()}
 
@@ -699,7 +702,7 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
                               fmt_n(r["sequences_to_95"]), fmt_n(r["sequences_to_99"]), fmt_n(r["sequences"]),
                               r["stopped"], f"{r['seconds'] / 60:.0f}") for r in runs])]
     fig, axes = new_figure(ncols=len(points), width=5)
-    colors = dict(zip(ZOOLOGY_ROWS, ("C0", "C1", "C2", "C3")))
+    colors = dict(zip(ZOOLOGY_ROWS, ("C0", "C1", "C2", "C3", "C4")))
     for ax, point in zip(axes, points):
         for r in runs:
             if (r["point"]["S"], r["point"]["pairs"]) != (point["S"], point["pairs"]):

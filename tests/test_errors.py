@@ -157,7 +157,7 @@ def test_bad_conv_input(args, error, match):
 
 @pytest.mark.parametrize("field,value,error,match", [
     pytest.param("n_heads", 3, ValueError, r"d_model \(16\) must be divisible by n_heads \(3\)", id="heads-not-dividing"),
-    pytest.param("graph_k", 0, ValueError, r"graph_k must be a positive integer, got 0", id="graph-k-zero"),
+    pytest.param("graph_k", -1, ValueError, r"graph_k must be a positive integer, got -1", id="graph-k-negative"),
     pytest.param("graph_k", 2.5, TypeError, r"graph_k must be int, got 2\.5", id="graph-k-float"),
     pytest.param("dropout", -0.1, ValueError, r"dropout must lie in \[0, 1\), got -0\.1", id="negative-dropout"),
     pytest.param("exit_threshold", 0.0, ValueError, r"exit_threshold must lie in \(0, 1\], got 0\.0", id="exit-zero"),
@@ -172,6 +172,17 @@ def test_bad_conv_input(args, error, match):
 def test_bad_config(field, value, error, match):
     with pytest.raises(error, match=f"TMTConfig: {match}"):
         TMTConfig(**{**SMALL, field: value})
+
+
+def test_window_only_mesh_needs_a_window():
+    assert TMTConfig(**{**SMALL, "graph_k": 0}).mesh_window == 8  # the causal default window: a valid control
+    with pytest.raises(ValueError, match=r"graph_k must be a positive integer, got 0 \(0, a window-only mesh, needs mesh_window >= 1"):
+        TMTConfig(**{**SMALL, "graph_k": 0, "mesh_window": 0})
+    with pytest.raises(ValueError, match=r"k \(graph_k\) must be an integer >= 1, got 0 \(0, a window-only mesh, needs window"):
+        DynamicMesh(0, causal=True)
+    slots = DynamicMesh(0, causal=True, window=2).slots(torch.randn(5, 4))
+    assert slots.index.tolist() == [[0, 0, 0], [1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4]]  # invalid: the target
+    assert slots.valid.tolist() == [[False, False, True], [False, True, True]] + [[True, True, True]] * 3
 
 
 def test_unknown_config_key():

@@ -12,7 +12,7 @@ def run(model, lengths=(40, 25)):
     return model(tokens_to_batch(seqs), output_hidden_states=True)
 
 
-@pytest.mark.parametrize("name", ["exits-firing", "routed"])
+@pytest.mark.parametrize("name", ["exits-firing", "routed", "window-only"])
 def test_exited_state_is_frozen_bit_for_bit(name):
     model = make_model(n_layers=4, **CONFIGS[name])
     out = run(model)

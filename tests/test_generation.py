@@ -13,7 +13,7 @@ DECODING = {**CONFIGS,
 
 
 @pytest.mark.parametrize("name", ["full", "exits-firing", "no-anchors-learned-pos", "dense-decay-anchors", "vanilla", "window",
-                                  "attention-mesh", "vanilla-exits", "all-exit", "routed", "one-head-search"])
+                                  "attention-mesh", "vanilla-exits", "all-exit", "routed", "one-head-search", "window-only"])
 def test_incremental_equals_full(name, device):
     model = make_model(**DECODING[name]).to(device)
     ids = torch.randint(0, 50, (2, 30)).to(device)
@@ -69,7 +69,7 @@ def test_layer_step_on_all_tokens_equals_selected_rows(name, n):
 
 
 @pytest.mark.parametrize("name", ["full", "exits-firing", "all-exit", "vanilla", "vanilla-exits", "routed", "window",
-                                  "no-anchors-learned-pos", "dense-decay-anchors"])
+                                  "no-anchors-learned-pos", "dense-decay-anchors", "window-only"])
 def test_static_step_equals_the_selecting_step(name):
     """The compilable step (the whole capacity under masks, exited tokens frozen by keeping their
     state) gives the logits and caches of :func:`extend`, on rows of different lengths, one and then

@@ -38,7 +38,7 @@ def test_config_conversion(tmp_path):
     assert isinstance(loaded, TMTHFConfig) and loaded.to_tmt_config() == cfg
     assert TMTHFConfig().to_tmt_config() == TMTConfig()
     with pytest.raises(ValueError, match="graph_k"):
-        TMTHFConfig(graph_k=0)
+        TMTHFConfig(graph_k=-1)
     with pytest.raises(ValueError, match="tie"):
         TMTHFConfig(tie_word_embeddings=False)
 

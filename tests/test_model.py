@@ -16,6 +16,7 @@ CONFIGS = {
     "attention-mesh": dict(mesh_similarity="attention", mesh_window=2, exit_threshold=0.6),
     "routed": dict(mesh_search="routed", route_block=4, route_top=2, mesh_window=2, exit_threshold=0.6),
     "one-head-search": dict(search_heads=1, exit_threshold=0.6),
+    "window-only": dict(graph_k=0, mesh_window=3, exit_threshold=0.6),  # the recall study's control: no content search
 }
 
 

@@ -246,7 +246,8 @@ class DynamicMesh(torch.nn.Module):
     path reads; :meth:`forward` gives the same mesh as PyG edges.
 
     Args:
-        k (int): number of neighbours per node (without the self slot).
+        k (int): number of neighbours per node (without the self slot); 0 with a ``window``: the window
+            and the self slot only (a control without content search).
         causal (bool): causal mesh over earlier tokens (language models) or bidirectional mesh over
             the whole graph (default).
         backend (str): ``"cluster"`` (torch-cluster proposes candidates: KD-tree on CPU, brute force
@@ -292,10 +293,11 @@ class DynamicMesh(torch.nn.Module):
             raise ValueError(f"leaf_size ({leaf_size}) must exceed k ({k}): a leaf holds a node's candidates")
         self.search, self.route_block, self.route_top = search, route_block, route_top
         self.exact_max_nodes, self.trees, self.leaf_size = exact_max_nodes, trees, leaf_size
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise ValueError(f"window (mesh_window) must be an integer >= 0, got {window!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < (0 if window and search == "exact" else 1):
+            raise ValueError(f"k (graph_k) must be an integer >= 1, got {k!r}" +
+                             (" (0, a window-only mesh, needs window >= 1 and search='exact')" if k == 0 else ""))
         if window and not causal:
             raise ValueError("a local window of previous tokens needs a causal mesh (causal=True)")
         self.window = window
@@ -336,8 +338,9 @@ class DynamicMesh(torch.nn.Module):
             if batch is None:
                 batch = torch.arange(N, device=x.device) // (seq_len or N)
             ptr = batch_to_ptr(batch)
-        if target.numel() == 0:  # every token exited
-            index, valid = target.new_zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.bool, device=x.device)
+        if target.numel() == 0 or self.k == 0:  # every token exited, or a window-only mesh: no search
+            index = target.new_zeros(target.numel(), self.k)
+            valid = torch.zeros(target.numel(), self.k, dtype=torch.bool, device=x.device)
         elif routed:
             index, valid = self._routed(u, uq, batch, None if regular else ptr, target, seq_len)
         elif active_only:

@@ -14,6 +14,9 @@ def top_slots(sim: Tensor, allowed: Optional[Tensor], k: int, recency: Optional[
     not allowed are already ``-inf``. Returns column ids (..., R, k) and their validity
     (..., R, k); a row with fewer than ``k`` allowed columns gets them all, the rest invalid.
     """
+    if k == 0:  # a window-only mesh: no content slots
+        shape = sim.shape[:-1] + (0,)
+        return torch.zeros(shape, dtype=torch.long, device=sim.device), torch.zeros(shape, dtype=torch.bool, device=sim.device)
     C = sim.size(-1)
     kk = min(k, C)
     sim = sim.float() if allowed is None else sim.float().masked_fill(~allowed, float("-inf"))

@@ -14,7 +14,8 @@ class TMTConfig:
     d_model: int = 256  # model width D
     n_heads: int = 8  # attention heads; head width D / n_heads
     n_layers: int = 4  # TMT layers
-    graph_k: int = 8  # mesh neighbours per token (the self edge comes on top)
+    graph_k: int = 8  # mesh neighbours per token (the self edge comes on top); 0 with mesh_window >= 1: the
+    # window alone, no content search (a control)
     mesh_window: int = -1  # previous tokens every token also reads (local window slots; 0: none);
     # -1: 8 for a causal model, 0 for a bidirectional one (the window is causal only)
     mesh_similarity: str = "auto"  # what the kNN compares: "state" (normalised token states, the seed's
@@ -63,7 +64,7 @@ class TMTConfig:
             value, allowed = getattr(self, f.name), (int, float) if f.type is float else f.type
             if not isinstance(value, allowed) or (isinstance(value, bool) and f.type is not bool):
                 raise TypeError(f"TMTConfig: {f.name} must be {f.type.__name__}, got {value!r}")
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "graph_k", "max_seq_len", "ffn_stream_dim",
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len", "ffn_stream_dim",
                      "mlp_dim", "gate_sample", "route_block", "route_top"):
             need(getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.mesh_window == -1:  # the defaults chosen by measurement (README: the mesh), causal models only
@@ -71,6 +72,9 @@ class TMTConfig:
         if self.mesh_similarity == "auto":
             self.mesh_similarity = "attention" if self.causal else "state"
         need(self.mesh_window >= 0, f"mesh_window must be >= 0 (or -1: the default), got {self.mesh_window}")
+        need(self.graph_k >= 1 or (self.graph_k == 0 and self.mesh_window >= 1 and self.mesh_search == "exact"),
+             f"graph_k must be a positive integer, got {self.graph_k!r}"
+             + (" (0, a window-only mesh, needs mesh_window >= 1 and mesh_search='exact')" if self.graph_k == 0 else ""))
         need(self.mesh_window == 0 or self.causal, "mesh_window (a window of previous tokens) needs causal=True")
         need(self.mesh_similarity in MESH_SIMILARITIES,
              f"mesh_similarity must be one of {MESH_SIMILARITIES}, got {self.mesh_similarity!r}")
