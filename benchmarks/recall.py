@@ -287,7 +287,8 @@ VARIANTS_NAME = "recall_default"
 ZOOLOGY_NAME = "recall_zoology"
 ZOOLOGY_DIR = RESULTS_DIR / ZOOLOGY_NAME
 PARTIAL_DIR = Path(__file__).resolve().parents[1] / "runs" / "recall_zoology_partial"  # git-ignored checkpoints
-ZOOLOGY_ROWS = ("vanilla", "mesh", "default", "routed", "window")
+ZOOLOGY_ROWS = ("vanilla", "mesh", "default", "routed", "window", "explore", "warmup")
+EXPLORE_SLOTS = 8  # random earlier slots per token of the explore row
 # Zoology's figure 2: 2 layers, d_model 64, one head, vocabulary 8192. Its blocks have no MLP; ours keep a narrow
 # one (2 x d_model) that every row shares, the other rows' FFN widths matched to vanilla's parameter count.
 ZOOLOGY_SIZE = dict(vocab_size=8192, d_model=64, n_heads=1, n_layers=2, dropout=0.0, rope=True, mlp_dim=128)
@@ -342,12 +343,15 @@ def parse_point(spec: str) -> Dict:
     return {"S": S, "pairs": pairs, "batch": batch, "max_sequences": count(parts[3]) if len(parts) > 3 else 1_000_000}
 
 
-def zoology_configs(size: Dict, S: int, long_from: int = 512) -> Dict[str, TMTConfig]:
+def zoology_configs(size: Dict, S: int, long_from: int = 512, dense_steps: int = 200) -> Dict[str, TMTConfig]:
     """The rows at length ``S``: vanilla (dense fused SDPA), mesh (``TMTConfig.vanilla`` with the mesh on, its
     window and similarity at TMTConfig's defaults), default (the shipped default with the exits off) and, from
     ``S >= long_from``, routed (the mesh alone with ``mesh_search="routed"``), and the window-only control (the
     mesh's slots as a window of the previous tokens, no content search: it can only recall keys that lie near);
-    FFN widths matched to vanilla's parameter count."""
+    two remedies for a search that learns only from the keys it picked: explore (the mesh with
+    ``EXPLORE_SLOTS`` random earlier slots per token in training) and warmup (the mesh attending densely for the
+    first ``dense_steps`` training steps: the protocol's lr warm-up); FFN widths matched to vanilla's
+    parameter count."""
     size = {**size, "max_seq_len": S}
     vanilla = TMTConfig.vanilla(**size)
     configs = {"vanilla": vanilla, "mesh": TMTConfig.vanilla(**size, use_mesh=True),
@@ -356,6 +360,8 @@ def zoology_configs(size: Dict, S: int, long_from: int = 512) -> Dict[str, TMTCo
         configs["routed"] = TMTConfig.vanilla(**size, use_mesh=True, mesh_search="routed")
     mesh = configs["mesh"]
     configs["window"] = TMTConfig.vanilla(**size, use_mesh=True, graph_k=0, mesh_window=mesh.graph_k + mesh.mesh_window)
+    configs["explore"] = TMTConfig.vanilla(**size, use_mesh=True, mesh_explore=EXPLORE_SLOTS)
+    configs["warmup"] = TMTConfig.vanilla(**size, use_mesh=True, mesh_dense_warmup=dense_steps)
     target = count_parameters(vanilla)
     return {row: cfg if row == "vanilla" else match_parameters(cfg, target) for row, cfg in configs.items()}
 
@@ -437,6 +443,7 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     gen = torch.Generator().manual_seed(seed)
     step, curve, seconds, stopped, train_losses = 0, [], 0.0, "budget", []
+    model.dense_warmup = cfg.mesh_dense_warmup > 0
     if partial is not None and partial.exists():
         state = torch.load(partial, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
@@ -445,6 +452,7 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
         gen.set_state(state["gen"])
         step, curve, seconds = state["step"], state["curve"], state["seconds"]
         print(f"{desc}: resumed from {partial} at {step * batch:,} sequences", flush=True)
+        model.dense_warmup = step < cfg.mesh_dense_warmup
     if not curve:
         acc, loss = evaluate(model, test)
         curve.append({"sequences": 0, "accuracy": acc, "loss": loss, "train_loss": None, "seconds": 0.0})
@@ -464,6 +472,7 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
+        model.dense_warmup = step < cfg.mesh_dense_warmup
         bar.update()
         train_losses.append(loss.item())
         if step % every == 0 or step == total:
@@ -584,7 +593,8 @@ def zoology_main(argv: Optional[Sequence[str]] = None) -> Dict:
         (args.out / "cost.json").write_text(json.dumps({**result, "machine": info}, indent=1) + "\n")
         return result
     if not args.table_only:
-        configs = {S: zoology_configs(size, S, args.long_from) for S in {p["S"] for p in points}}
+        configs = {p["S"]: zoology_configs(size, p["S"], args.long_from, max(1, args.warmup_sequences // p["batch"]))
+                   for p in points}
         # short points first (every row, vanilla first), then the long points (vanilla first): a long point costs
         # ten times a short one per sequence
         todo = [(row, point, lr, seed) for long in (False, True) for row in args.rows for point in points
@@ -702,7 +712,7 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
                               fmt_n(r["sequences_to_95"]), fmt_n(r["sequences_to_99"]), fmt_n(r["sequences"]),
                               r["stopped"], f"{r['seconds'] / 60:.0f}") for r in runs])]
     fig, axes = new_figure(ncols=len(points), width=5)
-    colors = dict(zip(ZOOLOGY_ROWS, ("C0", "C1", "C2", "C3", "C4")))
+    colors = dict(zip(ZOOLOGY_ROWS, (f"C{i}" for i in range(len(ZOOLOGY_ROWS)))))
     for ax, point in zip(axes, points):
         for r in runs:
             if (r["point"]["S"], r["point"]["pairs"]) != (point["S"], point["pairs"]):

@@ -51,11 +51,13 @@ def test_zoology_query_gaps_follow_the_power_law():
 
 def test_zoology_rows_have_equal_parameters():
     configs = recall.zoology_configs(recall.ZOOLOGY_SIZE, 512)
-    assert list(configs) == ["vanilla", "mesh", "default", "routed", "window"]
+    assert list(configs) == ["vanilla", "mesh", "default", "routed", "window", "explore", "warmup"]
     assert "routed" not in recall.zoology_configs(recall.ZOOLOGY_SIZE, 256)
     params = [recall.count_parameters(c) for c in configs.values()]
     assert max(params) / min(params) < 1.02
-    vanilla, mesh, default, routed, window = configs.values()
+    vanilla, mesh, default, routed, window, explore, warmup = configs.values()
+    assert explore.mesh_explore == recall.EXPLORE_SLOTS and warmup.mesh_dense_warmup == 200
+    assert all(getattr(c, f) == getattr(mesh, f) for c in (explore, warmup) for f in ("graph_k", "mesh_window", "use_decay"))
     assert window.graph_k == 0 and window.mesh_window == mesh.graph_k + mesh.mesh_window, "the mesh's slots, no search"
     assert not vanilla.use_mesh and mesh.use_mesh and not mesh.use_anchors and not mesh.use_decay
     assert mesh.mesh_window == 8 and mesh.mesh_similarity == "attention" and routed.mesh_search == "routed"
@@ -78,12 +80,12 @@ def test_zoology_sweep_caches_resumes_and_tabulates(tmp_path, monkeypatch):
     argv = ["--zoology", "--quick", "--threads", "1", "--out", str(tmp_path), "--no-gate"]
     result = recall.main(argv)
     cached = sorted((tmp_path / "runs").glob("*.json"))
-    assert len(cached) == 5 * 2, "vanilla, mesh, default, routed, window at two lrs"
+    assert len(cached) == 7 * 2, "vanilla, mesh, default, routed, window, explore, warmup at two lrs"
     run = json.loads(cached[0].read_text())
     assert run["curve"][0]["sequences"] == 0 and run["curve"][-1]["sequences"] == run["sequences"]
     assert all(0 <= c["accuracy"] <= 1 for c in run["curve"]) and run["point"]["S"] == 32
     assert run["stopped"] == "budget" and run["budget"] == 48
-    assert len(list((tmp_path / "partial").glob("*.pt"))) == 10, "runs cut by the budget keep their checkpoint"
+    assert len(list((tmp_path / "partial").glob("*.pt"))) == 14, "runs cut by the budget keep their checkpoint"
     assert {r["row"] for r in result["runs"]} == set(recall.ZOOLOGY_ROWS)
     md = (tmp_path / "recall_zoology.md").read_text()
     assert md.startswith("## recall_zoology") and "benchmarks.recall --zoology" in md

@@ -58,6 +58,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mesh-similarity", dest="mesh_similarity", choices=MESH_SIMILARITIES, default=d.mesh_similarity,
                    help="what the kNN mesh compares: token states (the seed's mesh) or each layer's queries against its keys "
                         "(auto: attention for causal models)")
+    g.add_argument("--mesh-explore", dest="mesh_explore", type=int, default=d.mesh_explore,
+                   help="random earlier tokens every token also reads in training (0: none)")
+    g.add_argument("--mesh-dense-warmup", dest="mesh_dense_warmup", type=int, default=d.mesh_dense_warmup,
+                   help="first training steps in which the mesh layers attend densely (0: none)")
     g.add_argument("--memory-anchors", dest="memory_anchors", type=int, default=d.memory_anchors, help="memory anchor vectors")
     g.add_argument("--ffn-stream-dim", dest="ffn_stream_dim", type=int, default=d.ffn_stream_dim, help="hidden width of each dual-stream FFN stream")
     g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=d.mlp_dim, help="hidden width of the plain MLP (with --no-dual-stream)")

@@ -38,8 +38,8 @@ class MeshSlots(NamedTuple):
     (if any), then the self slot. Unused slots (a token with fewer than ``k`` candidates) have ``valid = False`` and point at the
     target itself, so a gather through them is always in range.
     """
-    index: Tensor  # (Q, k + 1) source node ids
-    valid: Tensor  # (Q, k + 1) bool
+    index: Tensor  # (Q, k + w + 1) source node ids (+ r exploration slots in training)
+    valid: Tensor  # (Q, k + w + 1) bool
     target: Tensor  # (Q,) target node ids
     unit: Tensor  # (N, D) the L2-normalised node vectors the mesh was built from (the source side)
     query_unit: Optional[Tensor] = None  # (N, D) the targets' side when it differs (attention similarity)
@@ -210,6 +210,19 @@ def window_slots(target: Tensor, target_pos: Tensor, window: int) -> Tuple[Tenso
     return target.unsqueeze(1) - back, target_pos.unsqueeze(1) >= back
 
 
+def explore_slots(target: Tensor, start: Tensor, groups, count: int) -> Tuple[Tensor, Tensor]:
+    """``count`` uniformly random earlier nodes of every target (Q,) whose sequence starts at node
+    ``start`` (Q,): ids (Q, count), valid where the target has earlier nodes and the id was neither drawn
+    before nor is in the slot ``groups`` [(ids, valid), ...] already (a key read twice would count twice)."""
+    before = (target - start).unsqueeze(1)  # earlier nodes in the sequence
+    index = start.unsqueeze(1) + (torch.rand(target.numel(), count, device=target.device) * before).long()
+    earlier_draw = torch.ones(count, count, dtype=torch.bool, device=target.device).tril(-1)
+    valid = (before > 0) & ~((index.unsqueeze(2) == index.unsqueeze(1)) & earlier_draw).any(2)  # each id once
+    for ids, ok in groups:
+        valid = valid & ~((index.unsqueeze(2) == ids.unsqueeze(1)) & ok.unsqueeze(1)).any(2)
+    return index, valid
+
+
 def ptr_of_sorted(index: Tensor, size: int) -> Tensor:
     """Start of each value's run in a sorted index vector: (size,) (== batch_to_ptr without the end)."""
     return batch_to_ptr(index, size)[:-1]
@@ -240,6 +253,9 @@ class DynamicMesh(torch.nn.Module):
 
     * ``window=w`` (causal only): the ``w`` tokens just before ``i`` are neighbours as well, and the
       ``k`` similar ones are searched among the tokens before them (the two groups never overlap).
+    * ``explore=r`` (causal only, training mode only): ``r`` more slots at uniformly random earlier
+      tokens of the sequence (slots already in the table are dropped), so that attention also scores
+      keys the search did not pick and the projections the search compares learn from them.
 
     The mesh has a fixed in-degree, so :meth:`slots` hands it out as a ``(Q, k + w + 1)`` neighbour
     table (:class:`MeshSlots`: kNN slots, window slots, self slot), the layout the attention's fast
@@ -257,6 +273,7 @@ class DynamicMesh(torch.nn.Module):
             exact, so only the speed differs; see the README for the measurement).
         block_size (int): query rows per block of the dense backend.
         window (int): previous tokens every token also reads (a local window; 0: the pure kNN mesh).
+        explore (int): random earlier tokens every token also reads in training mode (0: none).
         search (str): ``"exact"`` (every earlier token is a candidate) or ``"routed"`` (causal only:
             the exact top-k among the keys of the ``route_top`` best-scoring earlier blocks of
             ``route_block`` positions plus the token's own block; see :mod:`.routed_search`).
@@ -277,7 +294,8 @@ class DynamicMesh(torch.nn.Module):
 
     def __init__(self, k: int, causal: bool = False, backend: str = "auto", block_size: int = 256,
                  low_dim_threshold: int = 8, window: int = 0, search: str = "exact", route_block: int = 64,
-                 route_top: int = 4, exact_max_nodes: int = 4096, trees: int = 4, leaf_size: int = 256):
+                 route_top: int = 4, exact_max_nodes: int = 4096, trees: int = 4, leaf_size: int = 256,
+                 explore: int = 0):
         super().__init__()
         if search not in SEARCHES:
             raise ValueError(f"unknown mesh search {search!r}; choose one of {SEARCHES}")
@@ -301,6 +319,11 @@ class DynamicMesh(torch.nn.Module):
         if window and not causal:
             raise ValueError("a local window of previous tokens needs a causal mesh (causal=True)")
         self.window = window
+        if not isinstance(explore, int) or isinstance(explore, bool) or explore < 0:
+            raise ValueError(f"explore (mesh_explore) must be an integer >= 0, got {explore!r}")
+        if explore and not causal:
+            raise ValueError("exploration slots (explore: random earlier tokens) need a causal mesh (causal=True)")
+        self.explore = explore
         if backend not in BACKENDS:
             raise ValueError(f"unknown mesh backend {backend!r}; choose one of {BACKENDS}")
         self.k, self.causal, self.backend = k, causal, backend
@@ -334,7 +357,8 @@ class DynamicMesh(torch.nn.Module):
         # equal lengths: the static search over every row, or of the rows still active (exits)
         regular = seq_len is not None and (routed or (self.causal and backend == "dense"))
         active_only = regular and not routed and target.numel() < N
-        if not regular or self.window:  # the flat search and the window slots need each graph's start
+        explore = self.explore if self.training else 0
+        if not regular or self.window or explore:  # the flat search, window and exploration slots need each graph's start
             if batch is None:
                 batch = torch.arange(N, device=x.device) // (seq_len or N)
             ptr = batch_to_ptr(batch)
@@ -359,6 +383,8 @@ class DynamicMesh(torch.nn.Module):
         if self.window:
             groups.append(window_slots(target, target - ptr[batch[target]], self.window))
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
+        if explore:
+            groups.append(explore_slots(target, ptr[batch[target]], groups, explore))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
         return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u, uq)
 
@@ -455,6 +481,7 @@ class DynamicMesh(torch.nn.Module):
 
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""
+        window += f", explore={self.explore}" if self.explore else ""
         search = {"exact": "", "routed": f", search='routed', route_block={self.route_block}, route_top={self.route_top}",
                   "tree": f", search='tree', exact_max_nodes={self.exact_max_nodes}, trees={self.trees}, "
                           f"leaf_size={self.leaf_size}"}[self.search]

@@ -23,6 +23,10 @@ class TMTConfig:
     # "auto": attention for a causal model, state for a bidirectional one
     mesh_search: str = "exact"  # "exact": every earlier token is a candidate (O(S^2) search) | "routed": the
     # exact top-k among the route_top best earlier blocks of route_block positions + the own block
+    mesh_explore: int = 0  # random earlier tokens every token also reads in training (exploration slots: keys
+    # the search did not pick still get a gradient); 0: none. Inference reads the mesh alone
+    mesh_dense_warmup: int = 0  # first training steps in which the mesh layers attend densely (the same weights;
+    # every key gets a gradient before the search takes over); 0: none
     route_block: int = 64  # positions per routing block (mesh_search="routed")
     route_top: int = 4  # earlier blocks every token routes to (mesh_search="routed")
     message_passing: bool = False  # mesh attention as MeshAttentionConv message passing over the mesh's
@@ -91,6 +95,9 @@ class TMTConfig:
              f"search_heads must lie in [0, n_heads={self.n_heads}] (0: all heads), got {self.search_heads}")
         need(self.search_heads == 0 or self.mesh_similarity == "attention",
              "search_heads selects heads of the attention-similarity mesh: it needs mesh_similarity='attention'")
+        need(self.mesh_explore >= 0, f"mesh_explore must be >= 0, got {self.mesh_explore}")
+        need(self.mesh_explore == 0 or self.causal, "mesh_explore (random earlier tokens) needs causal=True")
+        need(self.mesh_dense_warmup >= 0, f"mesh_dense_warmup must be >= 0, got {self.mesh_dense_warmup}")
         need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
         need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")
         need(self.mesh_backend in BACKENDS, f"mesh_backend must be one of {BACKENDS}, got {self.mesh_backend!r}")

@@ -92,8 +92,12 @@ class TMTModel(nn.Module):
         self.embed_scale = math.sqrt(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.mesh = (DynamicMesh(cfg.graph_k, causal=cfg.causal, backend=cfg.mesh_backend, window=cfg.mesh_window,
-                                 search=cfg.mesh_search, route_block=cfg.route_block, route_top=cfg.route_top)
+                                 search=cfg.mesh_search, route_block=cfg.route_block, route_top=cfg.route_top,
+                                 explore=cfg.mesh_explore)
                      if cfg.use_mesh else None)
+        # True: training forwards attend densely with the same weights (the mesh's dense warm-up, switched by the
+        # trainer for the first config.mesh_dense_warmup steps); evaluation and generation read the mesh
+        self.dense_warmup = False
         self.anchors = (MemoryAnchors(cfg.memory_anchors, cfg.d_model, cfg.anchor_momentum, init_std=0.02 * self.embed_scale)
                         if cfg.use_anchors else None)
         # no gate after the last layer: there is no later layer to skip
@@ -167,12 +171,13 @@ class TMTModel(nn.Module):
         ctx = LayerInput(pos, node_pos, tok_batch, anchor_nodes, B, seq_len)
         freeze = cfg.use_exit and (not self.training or cfg.exit_in_training)
         exited = torch.zeros(N, dtype=torch.bool, device=dev)
+        mesh = None if self.dense_warmup and self.training else self.mesh
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
         trace = LayerTrace(N, sample, early=compute_loss and cfg.exit_loss_weight > 0, attention=return_attention_weights)
         for layer, block in enumerate(self.blocks):
             trace.before(h, exited)
-            step = block(h, exited, ctx, self.mesh, self.anchors, freeze, return_attention_weights,
+            step = block(h, exited, ctx, mesh, self.anchors, freeze, return_attention_weights,
                          update_anchors=layer == 0 and self.training)
             h, exited = self._layer_dropout(h, step.h, layer, tok_batch, B), step.exited
             trace.after(step, h, last=layer == cfg.n_layers - 1)

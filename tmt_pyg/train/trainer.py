@@ -275,6 +275,7 @@ class Trainer:
         or skips the update (``cfg.on_nonfinite``)."""
         cfg, model = self.cfg, self.model
         model.train()
+        model.dense_warmup = self.step < getattr(model.config, "mesh_dense_warmup", 0)  # the mesh's dense warm-up
         t0 = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         buffers = [b.clone() for b in model.buffers()]  # the anchor EMA runs in forward: put back if the step is skipped
