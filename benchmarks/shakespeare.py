@@ -41,7 +41,8 @@ from .common import base_parser, finish, markdown_table, mean_std, new_figure, r
 NAME = "shakespeare"
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, max_seq_len=64)
 MESH = dict(mesh_similarity="attention", mesh_window=8)
-ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-mesh-1h", "tmt-exit")
+ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-mesh-1h", "tmt-exit",
+        "tmt-mesh-explore", "tmt-mesh-warmup")
 
 
 def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
@@ -50,7 +51,9 @@ def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
     vanilla = match_parameters(TMTConfig.vanilla(vocab_size=vocab_size, **size), count_parameters(tmt))
     return {"vanilla": vanilla, **{f"vanilla-{n}L": replace(vanilla, n_layers=n) for n in (3, 2, 1)},
             "tmt-pure": replace(tmt, mesh_similarity="state", mesh_window=0), "tmt-mesh": tmt, "tmt-mesh-1h": replace(tmt, search_heads=1),
-            "tmt-exit": replace(tmt, use_exit=True, exit_loss_weight=0.5, gate_detach=True)}
+            "tmt-exit": replace(tmt, use_exit=True, exit_loss_weight=0.5, gate_detach=True),
+            # the search's two training remedies: 8 random earlier slots, dense attention for the lr warm-up's 100 steps
+            "tmt-mesh-explore": replace(tmt, mesh_explore=8), "tmt-mesh-warmup": replace(tmt, mesh_dense_warmup=100)}
 
 
 def train_config(args, folder: Path, seed: int) -> TrainConfig:

@@ -92,6 +92,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dual-stream", dest="dual_stream", action=bool_flag, default=d.dual_stream, help="dual-stream FFN (--no-dual-stream: plain MLP)")
     g.add_argument("--exit-loss-weight", dest="exit_loss_weight", type=float, default=d.exit_loss_weight,
                    help="weight of the early-exit LM loss (every earlier layer predicts through the shared head)")
+    g.add_argument("--exit-loss-sample", dest="exit_loss_sample", type=int, default=d.exit_loss_sample,
+                   help="tokens per batch the early-exit loss scores (unbiased: scaled to the loss over all tokens; 0: all)")
     g.add_argument("--layer-dropout", dest="layer_dropout", type=float, default=d.layer_dropout,
                    help="LayerSkip layer dropout: a sequence skips layer l with probability p * l / (L - 1) in training")
     g.add_argument("--gate-detach", dest="gate_detach", action=bool_flag, default=d.gate_detach,

@@ -55,6 +55,8 @@ class TMTConfig:
     gate_detach: bool = True  # gates read detached states: their objective trains the gates only, not the trunk
     exit_loss_weight: float = 0.0  # weight of the early-exit LM loss: every earlier layer's next-token loss
     # through the shared head, layer l weighted by l (CALM), so that early states can predict
+    exit_loss_sample: int = 0  # tokens per batch the early-exit loss scores (drawn uniformly, the same for every
+    # layer; scaled so that its expectation is the loss over every token): the head runs on these rows only; 0: all
     layer_dropout: float = 0.0  # LayerSkip's layer dropout (training only): a sequence skips layer l with probability
     # layer_dropout * l / (n_layers - 1) (rising with depth, never layer 0); a kept layer's update is scaled by 1 / (1 - p)
     exit_in_training: bool = False  # also freeze exited tokens in training mode
@@ -97,6 +99,7 @@ class TMTConfig:
              "search_heads selects heads of the attention-similarity mesh: it needs mesh_similarity='attention'")
         need(self.mesh_explore >= 0, f"mesh_explore must be >= 0, got {self.mesh_explore}")
         need(self.mesh_explore == 0 or self.causal, "mesh_explore (random earlier tokens) needs causal=True")
+        need(self.exit_loss_sample >= 0, f"exit_loss_sample must be >= 0, got {self.exit_loss_sample}")
         need(self.mesh_dense_warmup >= 0, f"mesh_dense_warmup must be >= 0, got {self.mesh_dense_warmup}")
         need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
         need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")

@@ -49,11 +49,13 @@ class TMTOutput:
 class LayerTrace:
     """What one forward records layer by layer: the exit masks and inputs before each layer; after it the
     rows and FLOPs it computed, its attention, the gate confidences, the sampled states the gate
-    objective scores (``sample``: token ids), with ``early`` the states the early-exit loss reads and with
-    ``attention`` the layers' attention weights."""
+    objective scores (``sample``: token ids), with ``early`` the states the early-exit loss reads (of the
+    tokens ``early_rows`` when given, else all) and with ``attention`` the layers' attention weights."""
 
-    def __init__(self, num_tokens: int, sample: Optional[Tensor], early: bool, attention: bool):
+    def __init__(self, num_tokens: int, sample: Optional[Tensor], early: bool, attention: bool,
+                 early_rows: Optional[Tensor] = None):
         self.N, self.sample, self.keep_early, self.keep_attention = num_tokens, sample, early, attention
+        self.early_rows = early_rows
         self.exit_masks, self.hidden, self.rows, self.attentions = [], [], [], []
         self.confidences, self.gate_states, self.early = [], [], []
         self.flops = 0.0
@@ -69,7 +71,7 @@ class LayerTrace:
         if self.keep_attention:
             self.attentions.append(step.attention)
         if self.keep_early and not last:
-            self.early.append(h[:self.N])
+            self.early.append(h[:self.N] if self.early_rows is None else h.index_select(0, self.early_rows))
         if step.confidence is not None:
             self.confidences.append(step.confidence)
             if self.sample is not None:
@@ -174,7 +176,9 @@ class TMTModel(nn.Module):
         mesh = None if self.dense_warmup and self.training else self.mesh
         # a random subset of tokens scored by the consistency objective (randperm()[:k] trips an inductor pattern)
         sample = torch.rand(N, device=dev).topk(min(N, cfg.gate_sample)).indices if compute_loss and cfg.gate_loss == "consistency" else None
-        trace = LayerTrace(N, sample, early=compute_loss and cfg.exit_loss_weight > 0, attention=return_attention_weights)
+        early = compute_loss and cfg.exit_loss_weight > 0
+        early_rows = torch.rand(N, device=dev).topk(cfg.exit_loss_sample).indices if early and 0 < cfg.exit_loss_sample < N else None
+        trace = LayerTrace(N, sample, early, return_attention_weights, early_rows)
         for layer, block in enumerate(self.blocks):
             trace.before(h, exited)
             step = block(h, exited, ctx, mesh, self.anchors, freeze, return_attention_weights,
@@ -235,7 +239,7 @@ class TMTModel(nn.Module):
             raise ValueError("no next-token targets: every sequence has length 1")
         out.lm_loss = F.cross_entropy(logits, target, ignore_index=-100)
         out.gate_loss = self._gate_loss(trace.confidences, trace.gate_states, trace.sample, logits)
-        out.exit_loss = self._exit_loss(trace.early, target) if trace.early else logits.new_zeros(())
+        out.exit_loss = self._exit_loss(trace.early, target, trace.early_rows) if trace.early else logits.new_zeros(())
         out.loss = out.lm_loss + cfg.exit_loss_weight * out.exit_loss + cfg.gate_loss_weight * out.gate_loss
 
     def _layer_dropout(self, h_in: Tensor, h_out: Tensor, layer: int, tok_batch: Tensor, num_graphs: int) -> Tensor:
@@ -268,12 +272,19 @@ class TMTModel(nn.Module):
             has.append(seen.any())
         return masked_mean(torch.stack(losses), torch.stack(has))  # mean over the layers that scored tokens
 
-    def _exit_loss(self, states: List[Tensor], target: Tensor) -> Tensor:
+    def _exit_loss(self, states: List[Tensor], target: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         """Early-exit LM loss: the next-token losses (targets (N,), -100: none) of the states after
-        layers 1 .. L-1 (each (N, D)) through the shared head, layer l weighted by l, averaged."""
+        layers 1 .. L-1 (each (N, D)) through the shared head, layer l weighted by l, averaged. With
+        ``rows`` (n,) the states are those tokens' (each (n, D)): their summed losses are scaled by N / n over
+        the N tokens' target count, whose expectation over uniform draws of ``rows`` is the loss over all tokens."""
         weights = range(1, len(states) + 1)
-        losses = [w * F.cross_entropy(self.lm_head(state), target, ignore_index=-100) for w, state in zip(weights, states)]
-        return sum(losses) / sum(weights)
+        if rows is None:
+            losses = [w * F.cross_entropy(self.lm_head(state), target, ignore_index=-100) for w, state in zip(weights, states)]
+            return sum(losses) / sum(weights)
+        picked, scale = target.index_select(0, rows), target.numel() / rows.numel()
+        losses = [w * F.cross_entropy(self.lm_head(state), picked, ignore_index=-100, reduction="sum")
+                  for w, state in zip(weights, states)]
+        return sum(losses) * scale / (target >= 0).sum().clamp(min=1) / sum(weights)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW with weight decay on weight matrices (dim >= 2) only."""
