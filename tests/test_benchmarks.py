@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_eval, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
+from benchmarks import (ablation, decode, exit_eval, exit_recipe, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
                         mesh_backends, recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
@@ -77,6 +77,16 @@ def test_speed(tmp_path):
     assert {c["what"] for c in result["checks"]} >= {"train: anchors on / off time", "infer: anchors on / off time"}
     labels = {r["label"] for r in result["profiles"]["TMT"]["breakdown"]}
     assert {"forward", "backward", "optimizer", "mesh kNN", "anchor EMA update"} <= labels
+
+
+def test_exit_recipe(tmp_path):
+    result = run_quick(exit_recipe, tmp_path)
+    models = [r["model"] for r in result["rows"]]
+    assert models[0] == "vanilla" and result["rows"][0]["vs_vanilla"] == 1 and len(models) == 5
+    assert all(finite_positive(r["step_ms"], r["vs_vanilla"]) for r in result["rows"])
+    configs = result["configs"]
+    assert configs[models[-1]]["exit_loss_sample"] == 16 and configs[models[-2]]["exit_loss_sample"] == 0
+    assert configs[models[-1]]["exit_loss_weight"] == configs[models[-2]]["exit_loss_weight"] > 0
 
 
 def test_decode(tmp_path):
