@@ -1,0 +1,48 @@
+"""benchmarks/loss_vs_time.py (--quick): both rows' curves are complete and monotone in seconds and FLOPs,
+and a rerun with more steps continues from the checkpoints and the curve so far."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
+
+from benchmarks import loss_vs_time  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loss_vs_time_resumes(tmp_path, data_dir, capsys):  # data_dir: skipped where the shared corpora are missing
+    def run(*extra):
+        return loss_vs_time.main(["--quick", "--threads", "1", "--out", str(tmp_path / "out"),
+                                  "--runs", str(tmp_path / "runs"), "--data-dir", str(data_dir), *extra])
+
+    first = run()
+    written = json.loads((tmp_path / "out" / "loss_vs_time_256.json").read_text())
+    assert written == json.loads(json.dumps(first))
+    assert written["command"].startswith("python -m benchmarks.loss_vs_time ")
+    assert (tmp_path / "out" / "loss_vs_time_256.png").stat().st_size > 0
+    assert set(written["rows"]) == {"vanilla", "full"}
+    for row in written["rows"].values():
+        points = row["points"]
+        assert [p["step"] for p in points] == [2, 4, 6]
+        for key in ("seconds", "flops"):
+            values = [p[key] for p in points]
+            assert values[0] > 0 and all(a < b for a, b in zip(values, values[1:])), f"{key} not strictly increasing"
+        assert all(math.isfinite(p["ppl"]) and math.isfinite(p["subword_ppl"]) for p in points)
+    assert written["equal_time"] and {c["better"] for c in written["equal_time"]} <= {"vanilla", "full"}
+
+    second = run("--steps", "8")
+    assert "resuming" in capsys.readouterr().out
+    for name, row in second["rows"].items():
+        assert [p["step"] for p in row["points"]] == [2, 4, 6, 8]
+        assert row["points"][:3] == written["rows"][name]["points"], "the rerun continues the first run's curve"
+        assert row["points"][3]["seconds"] > row["points"][2]["seconds"]
