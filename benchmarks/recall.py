@@ -724,6 +724,8 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
             xs, ys = [c["sequences"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]]
             ax.plot(xs, ys, "-" if is_best else ":", color=colors[r["row"]], alpha=1.0 if is_best else 0.35,
                     label=f"{r['row']} (lr {r['lr']:g})" if is_best else None)
+        if not any((r["point"]["S"], r["point"]["pairs"]) == (point["S"], point["pairs"]) for r in runs):
+            ax.text(0.5, 0.5, "no run cached yet", transform=ax.transAxes, ha="center", color="grey")
         ax.axhline(REACH, color="grey", lw=0.5)
         ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k")
         ax.set(xlabel="training sequences", ylabel="held-out accuracy", ylim=(0, 1.02),
