@@ -14,7 +14,16 @@ the neighbourhood:
   net starts as ``attn`` and opens the mesh only as far as training finds it useful;
 * ``attn``: one MeshAttentionConv over the given edges alone (the graph channel of the two above, the
   control that says what the mesh adds);
-* ``gat_mesh``: ``gat`` plus the gated mesh channel (the mesh added to a PyG net, starting as that net).
+* ``gat_mesh``: ``gat`` plus the gated mesh channel (the mesh added to a PyG net, starting as that net);
+* ``sgformer``, ``polynormer``: PyG's own global-attention models (``torch_geometric.nn.models``), whole, run
+  on the one graph (Polynormer: local attention alone for ``local_epochs``, then its global attention too).
+
+``--recipe luo`` (default ``platonov``: every model at the flags' values) trains GCN, SAGE and GAT the way
+Luo et al. (NeurIPS 2024, "Classic GNNs are strong baselines") tuned them: ``layers`` x [conv(h) + Linear(h)
+-> BatchNorm/LayerNorm -> ReLU -> dropout] -> linear head, self loops added, at their per-dataset width,
+depth, dropout, lr, weight decay and epochs (``RECIPES``); Polynormer at its authors' published settings,
+SGFormer and the other rows at the dataset's tuned width, depth, dropout, lr and epochs. A flag given on
+the command line overrides the recipe for every model of that run.
 
 The mesh (``DynamicMesh(causal=False)``) links every node to the ``k`` nodes nearest to it in a
 learned ``mesh_dim``-dim projection of its state, rebuilt at every forward; the projection is part of
@@ -33,6 +42,7 @@ copied to ``~/.cache/tmt_pyg`` once (or ``--cache-dir``); without one PyG downlo
     python examples/heterophily.py --datasets tolokers --splits 0 1 --epochs 100 --eval-every 5
     python examples/heterophily.py --datasets minesweeper --models sage mesh_gate --k 16
     python examples/heterophily.py --device cuda --hidden 512 --epochs 1000 --mesh-backend dense --mesh-block 16384
+    python examples/heterophily.py --recipe luo --datasets minesweeper --models gcn sgformer polynormer --splits 0 1 2
     python examples/heterophily.py --quick                                # tiny slice (tests)
 """
 import argparse
@@ -50,15 +60,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GATConv, GCNConv, GPSConv, SAGEConv
-from torch_geometric.utils import coalesce, subgraph, to_undirected
+from torch_geometric.nn.attention import PolynormerAttention
+from torch_geometric.nn.models import Polynormer, SGFormer
+from torch_geometric.utils import (add_self_loops, coalesce, remove_self_loops, subgraph, to_torch_csr_tensor,
+                                   to_undirected)
 
 from tmt_pyg import DynamicMesh, MeshAttentionConv
 from tmt_pyg.data import dataset_root
 from tmt_pyg.report import markdown_table
 
 DATASETS = {"minesweeper": "roc_auc", "tolokers": "roc_auc", "chameleon_filtered": "acc"}
-MODELS = ("gcn", "sage", "gat", "gps", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
-DEFAULT_MODELS = ("gcn", "sage", "gat", "gps", "mesh_sep", "mesh_gate")  # mesh: below mesh_sep everywhere (docs/results)
+MODELS = ("gcn", "sage", "gat", "gps", "sgformer", "polynormer", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
+DEFAULT_MODELS = ("gcn", "sage", "gat", "gps", "sgformer", "polynormer", "mesh_sep", "mesh_gate")  # mesh: below mesh_sep everywhere
+CLASSIC = ("gcn", "sage", "gat")
+# the flags every model reads, at their defaults; a recipe sets them (and model-specific keys) per dataset and model
+BASE = dict(hidden=64, layers=2, heads=4, dropout=0.2, lr=1e-3, epochs=200, patience=100, eval_every=1)
+_MINESWEEPER = dict(hidden=64, dropout=0.2, lr=0.01, epochs=2000, patience=200)
+_TOLOKERS = dict(hidden=64, dropout=0.2, lr=0.01, epochs=1000, patience=200)
+# RECIPES[recipe][dataset or "*"][model or "*"]: later, more specific entries win
+RECIPES = {
+    "platonov": {"*": {"polynormer": dict(local_epochs=100)}},
+    "luo": {
+        # Luo et al.'s tuned GCN/SAGE/GAT (their medium_graph/run_gnn.sh and README table); Polynormer: its
+        # authors' run.sh (their beta is learned per channel, PyG's is a constant: its starting value 0.5 here)
+        "minesweeper": {
+            "*": _MINESWEEPER, "gcn": dict(layers=12, norm="batch", residual=True),
+            "sage": dict(layers=15, norm="batch", residual=True), "gat": dict(layers=15, heads=1, norm="batch", residual=True),
+            "sgformer": dict(layers=3, graph_weight=0.5),
+            "polynormer": dict(lr=1e-3, heads=8, layers=10, global_layers=3, dropout=0.3, in_dropout=0.2, global_dropout=0.3,
+                               beta=0.5, local_epochs=100, epochs=2100)},
+        # not in Luo et al.'s study: their Minesweeper recipe at depth 5 and 1000 epochs (our choice, not tuned)
+        "tolokers": {
+            "*": _TOLOKERS, "gcn": dict(layers=5, norm="batch", residual=True), "sage": dict(layers=5, norm="batch", residual=True),
+            "gat": dict(layers=5, heads=1, norm="batch", residual=True), "sgformer": dict(layers=3, graph_weight=0.5),
+            "polynormer": dict(lr=1e-3, hidden=60, heads=16, layers=7, global_layers=4, dropout=0.5, in_dropout=0.2,
+                               global_dropout=0.5, beta=0.1, local_epochs=100, epochs=900)},
+        "chameleon_filtered": {
+            "*": dict(hidden=256, layers=2, dropout=0.7, lr=0.01, weight_decay=1e-3, epochs=200),
+            "gcn": dict(hidden=512, layers=5, dropout=0.2, lr=0.005, norm="none", residual=False),
+            "sage": dict(layers=4, norm="batch", residual=True), "gat": dict(heads=1, norm="batch", residual=True),
+            "polynormer": dict(local_epochs=100)},
+    },
+}
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -171,9 +214,80 @@ class Net(nn.Module):
         return self.head(self.norm(h))
 
 
-def build(name: str, args, in_channels: int, classes: int) -> Net:
-    """The model ``name`` at the shared width, depth and dropout."""
+class GraphReader(nn.Module):
+    """Base of the nets whose convs read the graph as a sparse CSR matrix (GCNConv, SAGEConv: one sparse
+    matmul, 2-3x faster than PyG's scatter over the edge list on CPU), built once per graph."""
+    graph = None
+
+    def adjacency(self, edge_index: Tensor, n: int, loops: bool, csr: bool = True) -> Tensor:
+        """``edge_index`` (2, E) with one self loop per node if ``loops``, none otherwise (GCNConv adds its own), as
+        an (n, n) CSR matrix if ``csr``."""
+        if self.graph is None or self.graph[0] is not edge_index:
+            edges = remove_self_loops(edge_index)[0]
+            edges = add_self_loops(edges, num_nodes=n)[0] if loops else edges
+            self.graph = (edge_index, to_torch_csr_tensor(edges, size=(n, n)) if csr else edges)
+        return self.graph[1]
+
+
+class LuoNet(GraphReader):
+    """Luo et al.'s classic GNN: ``layers`` x [conv(h) (+ Linear(h) if ``residual``) -> ``norm`` -> ReLU ->
+    dropout] -> linear class scores, the first conv (``kind``: gcn, sage, gat) reading the raw features,
+    over the edges plus self loops. (N, F) -> (N, classes)."""
+
+    def __init__(self, kind: str, in_channels: int, hidden: int, classes: int, layers: int, dropout: float, norm: str,
+                 residual: bool, heads: int = 1):
+        super().__init__()
+        widths = [in_channels] + [hidden] * (layers - 1)
+        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda _: nn.Identity()}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {tuple(norms)}, got {norm!r}")
+        conv = {"gcn": GCNConv, "sage": SAGEConv,
+                "gat": lambda i, o: GATConv(i, o // heads, heads=heads, add_self_loops=False, bias=False)}[kind]
+        self.kind = kind
+        self.convs = nn.ModuleList(conv(w, hidden) for w in widths)
+        self.skips = nn.ModuleList(nn.Linear(w, hidden) for w in widths) if residual else None
+        self.norms = nn.ModuleList(norms[norm](hidden) for _ in widths)
+        self.drop, self.head = nn.Dropout(dropout), nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        adj = self.adjacency(edge_index, x.size(0), loops=self.kind != "gcn", csr=self.kind != "gat")
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = conv(x, adj) + (self.skips[i](x) if self.skips is not None else 0)
+            x = self.drop(F.relu(norm(h)))
+        return self.head(x)
+
+
+class WholeGraph(GraphReader):
+    """A PyG model that takes a batch vector and reads the graph with GCNConv (SGFormer, Polynormer), run on
+    the one whole graph: (N, F) -> (N, classes) log-probabilities. ``local_epochs``: Polynormer's training
+    epochs before its global attention is switched on (``fit`` switches it)."""
+
+    def __init__(self, model: nn.Module, local_epochs: int = None):
+        super().__init__()
+        self.model, self.local_epochs = model, local_epochs
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        return self.model(x, self.adjacency(edge_index, x.size(0), loops=False), x.new_zeros(x.size(0), dtype=torch.long))
+
+
+def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
+    """The model ``name`` at the width, depth and dropout of ``args`` (a run's settings); ``gcn``, ``sage``
+    and ``gat`` are Luo et al.'s nets where ``args.norm`` is set (the ``luo`` recipe), else blocks of ``Net``."""
     d, heads, drop = args.hidden, args.heads, args.dropout
+    if name in CLASSIC and hasattr(args, "norm"):
+        return LuoNet(name, in_channels, d, classes, args.layers, drop, args.norm, args.residual, heads)
+    if name == "sgformer":  # one global attention layer (SGFormer's design) beside a ``layers``-deep GCN
+        return WholeGraph(SGFormer(in_channels, d, classes, trans_num_layers=1, trans_num_heads=1, trans_dropout=drop,
+                                   gnn_num_layers=args.layers, gnn_dropout=drop, graph_weight=getattr(args, "graph_weight", 0.5)))
+    if name == "polynormer":  # width heads x hidden, as in its authors' code
+        poly = Polynormer(in_channels, d, classes, local_layers=args.layers, global_layers=getattr(args, "global_layers", 2),
+                          in_dropout=getattr(args, "in_dropout", 0.15), dropout=drop, heads=heads,
+                          beta=getattr(args, "beta", 0.9), qk_shared=True)
+        # PyG 2.8 sizes the global attention's input for one head: give it the heads x hidden it is fed
+        poly.global_attn = nn.ModuleList(PolynormerAttention(heads * d, heads, d, beta=poly.beta, qk_shared=True,
+                                                             dropout=getattr(args, "global_dropout", drop))
+                                         for _ in poly.global_attn)
+        return WholeGraph(poly, args.local_epochs)
     mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph, args.mesh_backend, args.mesh_block)
     graph = lambda: MeshAttentionConv(d, d // heads, heads=heads, dropout=drop, decay=False)  # the given edges alone
     gat = lambda: GATConv(d, d // heads, heads=heads, add_self_loops=False, dropout=drop)
@@ -194,19 +308,22 @@ def build(name: str, args, in_channels: int, classes: int) -> Net:
 
 # -------------------------------------------------------------------------------------- training
 
-def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, float]:
+def fit(model: nn.Module, data: Data, split: int, metric: str, args) -> Dict[str, float]:
     """Full-batch training on split ``split``, evaluated every ``eval_every`` epochs; returns the test
     metric at the best validation metric (first best), the epochs run, the run time, the mean time of
     a training step after the first (which pays one-off costs such as compiling), the share of the
-    training steps' time spent building meshes and the final value of every mesh gate."""
+    training steps' time spent building meshes and the final value of every mesh gate. ``args``: the run's
+    settings (lr, weight_decay, epochs, eval_every, patience)."""
     train, val, test = (getattr(data, f"{part}_mask")[:, split] for part in ("train", "val", "test"))
     score = (lambda out, mask: roc_auc(out[mask, 1] - out[mask, 0], data.y[mask])) if metric == "roc_auc" else \
         (lambda out, mask: (out[mask].argmax(-1) == data.y[mask]).float().mean().item())
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=getattr(args, "weight_decay", 0.0))
     best_val, test_at_best, best_epoch, train_time, first_step, epoch = -1.0, 0.0, 0, 0.0, 0.0, 0
     sync = torch.cuda.synchronize if data.x.is_cuda else (lambda: None)  # honest step times on a GPU
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
+        if epoch - 1 == getattr(model, "local_epochs", None):  # Polynormer: local attention first, then global too
+            model.model._global = True
         step_start = time.perf_counter()
         model.train()
         opt.zero_grad()
@@ -233,8 +350,9 @@ def fit(model: Net, data: Data, split: int, metric: str, args) -> Dict[str, floa
 
 
 def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
-    tests = [r["test"] for r in runs]
-    return dict(test=statistics.mean(tests), test_std=statistics.pstdev(tests), splits=len(runs),
+    tests, s = [r["test"] for r in runs], runs[0]["settings"]
+    return dict(test=statistics.mean(tests), test_std=statistics.pstdev(tests), splits=len(runs), lr=s["lr"],
+                shape=f"{s['hidden'] * (s['heads'] if 'local_epochs' in s else 1)} x {s['layers']}",  # Polynormer: heads x hidden
                 time=statistics.mean(r["time"] for r in runs), epochs=statistics.mean(r["epochs"] for r in runs),
                 epoch_time=statistics.mean(r["epoch_time"] for r in runs),
                 mesh_share=statistics.mean(r["mesh_share"] for r in runs),
@@ -242,23 +360,49 @@ def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
                 late_best=sum(r["best_epoch"] > 0.9 * r["settings"]["epochs"] for r in runs))
 
 
+def settings_for(args, dataset: str, model: str) -> Dict:
+    """What shapes the result of ``model`` on ``dataset`` (names its cache file): ``BASE`` < the recipe's
+    entries for any dataset/model < for this dataset/model < the flags given < ``--quick``. The device and
+    the mesh backend do not shape it (both searches are exact)."""
+    recipe, s = RECIPES[args.recipe], dict(BASE)
+    for data_key, model_key in (("*", "*"), ("*", model), (dataset, "*"), (dataset, model)):
+        s.update(recipe.get(data_key, {}).get(model_key, {}))
+    s.update({key: getattr(args, key) for key in (*BASE, "weight_decay", "local_epochs") if getattr(args, key) is not None})
+    if model == "polynormer" and s.get("local_epochs", 0) >= s["epochs"]:
+        raise ValueError(f"polynormer: --local-epochs ({s['local_epochs']}) must be below --epochs ({s['epochs']})")
+    if args.quick:
+        s.update(hidden=16, epochs=5, **({"local_epochs": 2} if "local_epochs" in s else {}))
+    s.update(quick=args.quick, k=args.k, mesh_dim=args.mesh_dim, **({"recipe": args.recipe} if args.recipe != "platonov" else {}))
+    if s["hidden"] % s["heads"] and model not in ("sgformer", "polynormer"):
+        raise ValueError(f"{model}: --hidden ({s['hidden']}) must be a multiple of --heads ({s['heads']})")
+    return s
+
+
+def digest(settings: Dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     p.add_argument("--splits", nargs="+", type=int, default=list(range(10)), help="which of the 10 given splits")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="platonov",
+                   help="platonov: every model at the flags below; luo: Luo et al.'s tuned GCN/SAGE/GAT (see RECIPES)")
     p.add_argument("--quick", action="store_true", help="tiny slice, for tests")
     p.add_argument("--data-dir", help="folder holding heterophilous/*/raw (default: $TMT_DATA_DIR; none: PyG downloads)")
     p.add_argument("--cache-dir", help="writable copy of the datasets (default: $TMT_CACHE_DIR or ~/.cache/tmt_pyg)")
     p.add_argument("--out", default="runs/heterophily", help="one JSON per finished (dataset, model, split)")
-    p.add_argument("--hidden", type=int, default=64, help="width of every model (the paper: 512)")
-    p.add_argument("--layers", type=int, default=2, help="residual blocks")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (GAT, GPS, mesh)")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=200, help="most full-batch steps (the paper: 1000)")
-    p.add_argument("--patience", type=int, default=100, help="stop after this many epochs without a better validation metric")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the paper: 1)")
+    p.add_argument("--hidden", type=int, help="width of every model (default 64; the paper: 512)")
+    p.add_argument("--layers", type=int, help="residual blocks, or conv layers (default 2)")
+    p.add_argument("--heads", type=int, help="attention heads (GAT, GPS, mesh, Polynormer; default 4)")
+    p.add_argument("--dropout", type=float, help="default 0.2")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--weight-decay", type=float, help="Adam's weight decay (default 0)")
+    p.add_argument("--epochs", type=int, help="most full-batch steps (default 200; the paper: 1000)")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation metric (default 100)")
+    p.add_argument("--eval-every", type=int, help="epochs between evaluations (default 1, as the paper)")
+    p.add_argument("--local-epochs", type=int, help="Polynormer's epochs before its global attention (default 100)")
     p.add_argument("--k", type=int, default=8, help="mesh neighbours per node")
     p.add_argument("--mesh-dim", type=int, default=4, help="dimension of the learned projection the mesh is searched on")
     p.add_argument("--mesh-backend", choices=("auto", "dense", "cluster"), default="auto",
@@ -270,11 +414,12 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.hidden, args.epochs, args.splits = 16, 5, args.splits[:1]
-    # what shapes a result (the device and the mesh backend do not: both searches are exact); names the cache files
-    settings = {key: getattr(args, key) for key in ("quick", "hidden", "layers", "heads", "dropout", "lr", "epochs",
-                                                    "patience", "eval_every", "k", "mesh_dim")}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        args.splits = args.splits[:1]
+    bad = [s for s in args.splits if not 0 <= s < 10]
+    if bad:
+        p.error(f"--splits: the datasets have splits 0 to 9, not {bad}")
+    run_settings = {(dataset, name): settings_for(args, dataset, name) for dataset in args.datasets for name in args.models}
+    command_digest = digest(settings_for(args, "*", "*"))  # names the summaries: the recipe and the flags given
 
     results: Dict[str, Dict[str, Dict]] = {}
     for dataset in args.datasets:
@@ -285,31 +430,34 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
         classes, metric = int(data.y.max()) + 1, DATASETS[dataset]
         results[dataset] = {}
         for name in args.models:
-            runs = []
+            settings, runs = run_settings[dataset, name], []
             for split in args.splits:
-                path = Path(args.out) / dataset / name / f"split{split}-{digest}.json"
+                path = Path(args.out) / dataset / name / f"split{split}-{digest(settings)}.json"
                 if path.exists():
                     cached = json.loads(path.read_text())
                 else:
                     torch.manual_seed(split)
-                    model = build(name, args, data.num_features, classes).to(args.device)
+                    run_args = argparse.Namespace(**settings, mesh_backend=args.mesh_backend, mesh_block=args.mesh_block)
+                    model = build(name, run_args, data.num_features, classes).to(args.device)
                     cached = dict(settings=settings, mesh_backend=args.mesh_backend,
-                                  **fit(model, data, split, metric, args))
+                                  **fit(model, data, split, metric, run_args))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(cached, indent=1))
+                    print(f"{dataset} {name} split {split}: test {metric} {100 * cached['test']:.2f}, {cached['epochs']} epochs, "
+                          f"{cached['time']:.1f} s", flush=True)
                 runs.append(cached)
             results[dataset][name] = summarize(runs)
-        summary = dict(argv=argv if argv is not None else sys.argv[1:], settings=settings, splits=args.splits,
-                       results=results[dataset])
-        (Path(args.out) / dataset / f"summary-{digest}.json").write_text(json.dumps(summary, indent=1))
+        summary = dict(argv=argv if argv is not None else sys.argv[1:], recipe=args.recipe, splits=args.splits,
+                       settings={name: run_settings[dataset, name] for name in args.models}, results=results[dataset])
+        (Path(args.out) / dataset / f"summary-{command_digest}.json").write_text(json.dumps(summary, indent=1))
         print(f"\n{dataset}: {data.num_nodes:,} nodes, {data.num_edges:,} directed edges, {data.num_features:,} features, "
-              f"{classes} classes; test {metric} at the best validation epoch; settings {digest}; "
+              f"{classes} classes; test {metric} at the best validation epoch; recipe {args.recipe}, settings {command_digest}; "
               f"{torch.get_num_threads()} thread(s)")
         print(markdown_table(
-            ["model", f"test {metric} (mean ± std, %)", "splits", "epochs run", "best epoch > 90 % of max", "s / run",
-             "s / training epoch", "mesh build / training epoch", "|mesh gate|"],
-            [(name, f"{100 * r['test']:.2f} ± {100 * r['test_std']:.2f}", r["splits"], f"{r['epochs']:.0f}",
-              f"{r['late_best']} of {r['splits']}", f"{r['time']:.1f}", f"{r['epoch_time']:.3f}",
+            ["model", f"test {metric} (mean ± std, %)", "splits", "width x depth", "lr", "epochs run", "best epoch > 90 % of max",
+             "s / run", "s / training epoch", "mesh build / training epoch", "|mesh gate|"],
+            [(name, f"{100 * r['test']:.2f} ± {100 * r['test_std']:.2f}", r["splits"], r["shape"], f"{r['lr']:g}",
+              f"{r['epochs']:.0f}", f"{r['late_best']} of {r['splits']}", f"{r['time']:.1f}", f"{r['epoch_time']:.3f}",
               f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-", "-" if r["gate"] is None else f"{r['gate']:.3f}")
              for name, r in results[dataset].items()]))
     return results

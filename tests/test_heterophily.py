@@ -1,6 +1,7 @@
-"""The heterophily example runs end to end in quick mode on the three shared datasets, a rerun continues
-from its cached per-split results, and a gated mesh channel starts closed (the net is then the plain graph
-net) and is opened by training."""
+"""The heterophily example runs end to end in quick mode on the three shared datasets, under both recipes, a
+rerun continues from its cached per-split results, and a gated mesh channel starts closed (the net is then
+the plain graph net) and is opened by training. Luo et al.'s nets read the graph as a sparse matrix with the
+same result as PyG's edge list, and Polynormer switches its global attention on after its local epochs."""
 import json
 
 import pytest
@@ -27,7 +28,7 @@ def test_heterophily_quick(heterophily, data_dir, tmp_path, capsys):
             assert 0.0 <= r["test"] <= 1.0 and r["splits"] == 1 and r["epochs"] == 5, (dataset, model, r)
             uses_mesh = model.startswith("mesh") or model.endswith("_mesh")
             assert (0 < r["mesh_share"] < 1) if uses_mesh else r["mesh_share"] == 0, (dataset, model, r)
-            gated = model in ("mesh_gate", "gat_mesh")
+            gated = model in ("mesh_gate", "gat_mesh")  # (sgformer, polynormer: no mesh, no gate)
             # 5 Adam steps move a gate that starts at 0 by at most 5 lr
             assert (0 < r["gate"] <= 5 * 1e-3 + 1e-6) if gated else r["gate"] is None, (dataset, model, r)
     assert list((tmp_path / "cache").glob("heterophilous/*/processed/*.pt")), "PyG processed the copied raw files"
@@ -76,3 +77,65 @@ def test_roc_auc(heterophily):
     y = torch.tensor([0, 0, 1, 1])
     assert heterophily.roc_auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), y) == 0.75
     assert heterophily.roc_auc(torch.zeros(4), y) == 0.5  # ties count half
+
+
+def test_luo_recipe_quick(heterophily, data_dir, tmp_path):
+    """``--recipe luo``: Luo et al.'s nets at their Minesweeper depths, the new rows beside them, cached apart
+    from the default recipe's runs and read back on a rerun."""
+    if not (data_dir / "heterophilous").is_dir():
+        pytest.skip(f"heterophilous datasets not found at {data_dir / 'heterophilous'}")
+    models = ["gcn", "sage", "gat", "sgformer", "polynormer", "gps", "mesh_gate"]
+    argv = ["--quick", "--threads", "1", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out"), "--datasets", "minesweeper", "--recipe", "luo", "--models", *models]
+    results = heterophily.main(argv)["minesweeper"]
+    assert set(results) == set(models)
+    assert all(0.0 <= r["test"] <= 1.0 and r["epochs"] == 5 for r in results.values()), results
+    assert results["gcn"]["shape"] == "16 x 12" and results["sage"]["shape"] == "16 x 15" and results["gcn"]["lr"] == 0.01
+    assert results["polynormer"]["shape"] == "128 x 10" and results["polynormer"]["lr"] == 1e-3  # 8 heads x 16
+    cached, = (tmp_path / "out" / "minesweeper" / "gcn").glob("split0-*.json")
+    record = json.loads(cached.read_text())
+    assert record["settings"]["recipe"] == "luo" and record["settings"]["norm"] == "batch" and record["settings"]["residual"]
+    record["test"] = 0.123
+    cached.write_text(json.dumps(record))
+    assert heterophily.main(argv[:-len(models)] + ["gcn"])["minesweeper"]["gcn"]["test"] == 0.123
+    default = heterophily.main(argv[:argv.index("--recipe")] + ["--models", "gcn"])["minesweeper"]["gcn"]
+    assert default["test"] != 0.123 and default["shape"] == "16 x 2", "the default recipe: runs of its own"
+    assert len(list((tmp_path / "out" / "minesweeper" / "gcn").glob("split0-*.json"))) == 2
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage", "gat"])
+def test_luo_net_sparse_adjacency_is_the_edge_list(heterophily, kind):
+    """LuoNet reads the graph as a CSR matrix (GCN, SAGE) or an edge list (GAT): the same output as each conv
+    over the edge list with one self loop per node, the way Luo et al.'s code feeds them (the random graph here
+    has self loops of its own)."""
+    args = heterophily.argparse.Namespace(hidden=8, layers=3, heads=1, dropout=0.0, norm="layer", residual=True)
+    net = heterophily.build(kind, args, 5, 3).eval()
+    assert isinstance(net, heterophily.LuoNet) and len(net.convs) == 3 and len(net.skips) == 3
+    x, edge_index = torch.randn(20, 5), heterophily.to_undirected(torch.randint(0, 20, (2, 50)), num_nodes=20)
+    loops, _ = heterophily.add_self_loops(heterophily.remove_self_loops(edge_index)[0], num_nodes=20)
+    h = x
+    for conv, skip, norm in zip(net.convs, net.skips, net.norms):
+        h = torch.relu(norm(conv(h, loops) + skip(h)))
+    assert torch.allclose(net(x, edge_index), net.head(h), atol=1e-5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        heterophily.build(kind, heterophily.argparse.Namespace(**{**vars(args), "norm": "group"}), 5, 3)
+
+
+def test_polynormer_turns_global_after_its_local_epochs(heterophily):
+    """Polynormer trains its local attention alone for ``local_epochs``, then its global attention too (with
+    several heads: PyG's class sizes that attention for one head, the example gives it heads x hidden)."""
+    args = heterophily.argparse.Namespace(hidden=8, heads=2, layers=2, dropout=0.0, lr=1e-2, epochs=4, local_epochs=2,
+                                          eval_every=1, patience=10, global_layers=1)
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 2, (40,))
+    data = heterophily.Data(x=x, y=y, edge_index=heterophily.to_undirected(torch.randint(0, 40, (2, 120)), num_nodes=40),
+                            **{f"{part}_mask": torch.rand(40, 1) < 0.5 for part in ("train", "val", "test")})
+    model = heterophily.build("polynormer", args, 5, 2)
+    assert not model.model._global
+    r = heterophily.fit(model, data, 0, "roc_auc", args)
+    assert model.model._global and r["epochs"] == 4
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.global_attn.parameters())
+    bad = heterophily.argparse.Namespace(recipe="platonov", quick=False, k=8, mesh_dim=4, weight_decay=None,
+                                         **{key: None for key in heterophily.BASE}, local_epochs=300)
+    with pytest.raises(ValueError, match="must be below --epochs"):
+        heterophily.settings_for(bad, "tolokers", "polynormer")
