@@ -13,6 +13,10 @@ Rows, at equal tokens (2000 x 12 x 64):
   (weight 0.5), detached gates clipped apart from the trunk. Its threshold is calibrated on the first
   half of the validation split (loss within +2 % of exits off); exit metrics are reported on the
   second half, beside the same model with exits off.
+  ``tmt-exit-sampled``: the same with the early-exit loss on 96 random tokens of each 768-token batch
+  (``exit_loss_sample``: the cheap recipe);
+* ``tmt-mesh-explore`` / ``tmt-mesh-warmup``: ``tmt-mesh`` with the search's training remedies (8 exploration
+  slots; dense attention for the first 100 steps).
 
 Each finished run is cached as ``<runs>/<row>_seed<s>.json`` next to its run folder, so the study
 resumes; ``--timing`` then measures eval time of every cached model alternately, ``--table-only``
@@ -42,7 +46,7 @@ NAME = "shakespeare"
 SIZE = dict(d_model=128, n_heads=4, n_layers=4, dropout=0.0, max_seq_len=64)
 MESH = dict(mesh_similarity="attention", mesh_window=8)
 ROWS = ("vanilla", "vanilla-3L", "vanilla-2L", "vanilla-1L", "tmt-pure", "tmt-mesh", "tmt-mesh-1h", "tmt-exit",
-        "tmt-mesh-explore", "tmt-mesh-warmup")
+        "tmt-mesh-explore", "tmt-mesh-warmup", "tmt-exit-sampled")
 
 
 def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
@@ -53,7 +57,9 @@ def row_configs(vocab_size: int, size: Dict = SIZE) -> Dict[str, TMTConfig]:
             "tmt-pure": replace(tmt, mesh_similarity="state", mesh_window=0), "tmt-mesh": tmt, "tmt-mesh-1h": replace(tmt, search_heads=1),
             "tmt-exit": replace(tmt, use_exit=True, exit_loss_weight=0.5, gate_detach=True),
             # the search's two training remedies: 8 random earlier slots, dense attention for the lr warm-up's 100 steps
-            "tmt-mesh-explore": replace(tmt, mesh_explore=8), "tmt-mesh-warmup": replace(tmt, mesh_dense_warmup=100)}
+            "tmt-mesh-explore": replace(tmt, mesh_explore=8), "tmt-mesh-warmup": replace(tmt, mesh_dense_warmup=100),
+            # the exit recipe with its early-exit loss on 96 of the batch's 768 tokens (the cheap recipe)
+            "tmt-exit-sampled": replace(tmt, use_exit=True, exit_loss_weight=0.5, gate_detach=True, exit_loss_sample=96)}
 
 
 def train_config(args, folder: Path, seed: int) -> TrainConfig:
