@@ -647,17 +647,22 @@ def load_run(path: Path) -> Optional[Dict]:
 
 
 def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
-    """Table (best lr per row and point against vanilla) and plot (held-out accuracy against training sequences,
-    one panel per point) of the cached runs of the current protocol."""
-    runs = []
+    """Table (best lr per row and point against vanilla) and plot (held-out accuracy and loss against training
+    sequences, one column per point) of the cached runs of the current protocol; runs still in progress (a
+    checkpoint, no result yet) are drawn dashed and listed, never taken as a row's best."""
+    runs, running = [], []
     for point in points:
         protocol = protocol_of(args, size, point)
         for row in ZOOLOGY_ROWS:
             for lr in args.lrs:
                 for seed in args.seeds:
-                    run = load_run(args.runs / f"{run_key(point, row, lr, seed, protocol)}.json")
+                    key = run_key(point, row, lr, seed, protocol)
+                    run = load_run(args.runs / f"{key}.json")
                     if run is not None:
                         runs.append(run)
+                    elif (args.partial / f"{key}.pt").exists():
+                        curve = torch.load(args.partial / f"{key}.pt", weights_only=False, map_location="cpu")["curve"]
+                        running.append({"row": row, "lr": lr, "seed": seed, "point": point, "curve": curve})
     # the best lr: the fewest sequences to 0.95 among the runs that got there (early stopping makes their final
     # accuracies equal), else the highest accuracy
     order = lambda r: (1, -r["sequences_to_95"]) if r["sequences_to_95"] else (0, r["best_accuracy"])
@@ -714,25 +719,40 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
                               r["row"], f"{r['lr']:g}", r["seed"], f"{r['accuracy']:.3f}", f"{r['best_accuracy']:.3f}",
                               fmt_n(r["sequences_to_95"]), fmt_n(r["sequences_to_99"]), fmt_n(r["sequences"]),
                               r["stopped"], f"{r['seconds'] / 60:.0f}") for r in runs])]
-    fig, axes = new_figure(ncols=len(points), width=5)
+    if running:
+        lines += ["Runs in progress (their last evaluation; rerun the command to continue them):",
+                  markdown_table(["S", "pairs", "row", "lr", "seed", "trained", "accuracy", "loss"],
+                                 [(r["point"]["S"], r["point"]["pairs"], r["row"], f"{r['lr']:g}", r["seed"],
+                                   fmt_n(r["curve"][-1]["sequences"]), f"{r['curve'][-1]['accuracy']:.3f}",
+                                   f"{r['curve'][-1]['loss']:.3f}") for r in running])]
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(5 * len(points), 7.5))
+    axes = fig.subplots(2, len(points), squeeze=False)
     colors = dict(zip(ZOOLOGY_ROWS, (f"C{i}" for i in range(len(ZOOLOGY_ROWS)))))
-    for ax, point in zip(axes, points):
-        for r in runs:
-            if (r["point"]["S"], r["point"]["pairs"]) != (point["S"], point["pairs"]):
-                continue
-            is_best = best.get((point["S"], point["pairs"], r["row"], r["seed"])) is r
-            xs, ys = [c["sequences"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]]
-            ax.plot(xs, ys, "-" if is_best else ":", color=colors[r["row"]], alpha=1.0 if is_best else 0.35,
-                    label=f"{r['row']} (lr {r['lr']:g})" if is_best else None)
-        if not any((r["point"]["S"], r["point"]["pairs"]) == (point["S"], point["pairs"]) for r in runs):
-            ax.text(0.5, 0.5, "no run cached yet", transform=ax.transAxes, ha="center", color="grey")
-        ax.axhline(REACH, color="grey", lw=0.5)
-        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k")
-        ax.set(xlabel="training sequences", ylabel="held-out accuracy", ylim=(0, 1.02),
-               title=f"S={point['S']}, {point['pairs']} pairs")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    for column, point in enumerate(points):
+        at_point = lambda r: (r["point"]["S"], r["point"]["pairs"]) == (point["S"], point["pairs"])
+        top, bottom = axes[0][column], axes[1][column]
+        for r in [r for r in runs + running if at_point(r)]:
+            done = "stopped" in r
+            is_best = done and best.get((point["S"], point["pairs"], r["row"], r["seed"])) is r
+            style = "-" if is_best else ":" if done else "--"
+            label = (f"{r['row']} (lr {r['lr']:g})" if is_best else None) if done else f"{r['row']} (lr {r['lr']:g}, running)"
+            xs = [c["sequences"] for c in r["curve"]]
+            for ax, key in ((top, "accuracy"), (bottom, "loss")):
+                ax.plot(xs, [c[key] for c in r["curve"]], style, color=colors[r["row"]],
+                        alpha=0.35 if done and not is_best else 1.0, label=label)
+        if not any(at_point(r) for r in runs + running):
+            top.text(0.5, 0.5, "no run cached yet", transform=top.transAxes, ha="center", color="grey")
+        top.axhline(REACH, color="grey", lw=0.5)
+        top.set(ylabel="held-out accuracy", ylim=(0, 1.02), title=f"S={point['S']}, {point['pairs']} pairs")
+        bottom.set(ylabel="held-out loss (log)", yscale="log")
+        for ax in (top, bottom):
+            ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k")
+            ax.set(xlabel="training sequences")
+            ax.grid(alpha=0.3)
+        if top.get_legend_handles_labels()[0]:
+            top.legend(fontsize=7)
+    fig.tight_layout()
     slim = [{k: v for k, v in r.items() if k != "config"} for r in runs]
     return finish_as_recall(ZOOLOGY_NAME, " --zoology", args, info, lines, {"runs": slim, "size": size, "points": points},
                             fig, argv)

@@ -99,6 +99,10 @@ def test_zoology_sweep_caches_resumes_and_tabulates(tmp_path, monkeypatch):
     (tmp_path / "recall_zoology.md").unlink()
     table = recall.main(argv + ["--table-only"])
     assert table["runs"] == result["runs"] and (tmp_path / "recall_zoology.md").exists()
+    next((tmp_path / "runs").glob("*_mesh_lr0.01_*.json")).unlink()  # its checkpoint stays: a run in progress
+    table = recall.main(argv + ["--table-only"])
+    assert "Runs in progress" in (tmp_path / "recall_zoology.md").read_text()
+    assert not any(r["row"] == "mesh" and r["lr"] == 0.01 for r in table["runs"]), "never a finished row"
 
     monkeypatch.undo()  # a longer budget continues the cached runs from their checkpoints
     longer = recall.main(argv + ["--points", "32:4:8:64", "--rows", "vanilla", "--lrs", "3e-3"])
