@@ -14,6 +14,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DATA_DIR = Path(os.environ.get("TMT_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The benchmarks a test runs set torch's thread count: every test gives it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     if not DATA_DIR.exists():

@@ -13,13 +13,6 @@ from benchmarks import (ablation, decode, exit_eval, exit_recipe, exit_speed, lo
                         mesh_backends, recall, search_scaling, shakespeare, slot_core, speculative, speed)
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_quick(module, tmp_path: Path) -> dict:
     returned = module.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     written = json.loads((tmp_path / f"{module.NAME}.json").read_text())

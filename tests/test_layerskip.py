@@ -16,13 +16,6 @@ from tmt_pyg import TMTConfig, TMTModel  # noqa: E402
 from tmt_pyg.models.speculative import speculative_generate  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_layerskip_quick(tmp_path):
     argv = ["--quick", "--threads", "1", "--out", str(tmp_path)]
     result = layerskip.main(argv)

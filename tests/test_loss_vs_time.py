@@ -5,19 +5,9 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
 from benchmarks import loss_vs_time  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_loss_vs_time_resumes(tmp_path, data_dir, capsys):  # data_dir: skipped where the shared corpora are missing

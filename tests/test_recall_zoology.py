@@ -8,13 +8,6 @@ import torch
 from benchmarks import recall
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("random_non_queries", [False, True])
 def test_zoology_sequences_hold_their_answers(random_non_queries):
     S, pairs, V = 48, 6, 64
