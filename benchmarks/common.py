@@ -151,13 +151,14 @@ def check_finite(obj, path: str = "result") -> None:
 
 
 def finish(name: str, args: argparse.Namespace, info: Dict, report: List[str], payload: Dict, figure=None,
-           argv: Optional[Sequence[str]] = None) -> Dict:
+           argv: Optional[Sequence[str]] = None, module: Optional[str] = None) -> Dict:
     """Record the end load, print the markdown report (machine, command, ``report`` paragraphs) and
     write ``<name>.json``, ``<name>.md`` and (given a matplotlib ``Figure``) ``<name>.png`` into
     ``args.out``. ``argv``: the arguments ``main`` got (default ``sys.argv[1:]``), for the command
-    line shown. Returns the JSON payload."""
+    line shown; ``module``: the script's name in it when the result file is named otherwise (default
+    ``name``; e.g. ``"recall --zoology"``). Returns the JSON payload."""
     info["load_average_end"] = list(os.getloadavg())
-    command = command_line(name, argv)
+    command = command_line(module or name, argv)
     text = "\n\n".join([f"## {name}", machine_markdown(info), f"Command: `{command}`"] + report) + "\n"
     print(text)
     result = {"benchmark": name, "command": command, "machine": info,

@@ -246,13 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     name = f"{NAME}_{args.context}"
     payload = {"context": args.context, "ppl_unit": unit, "rows": summary, "equal_time": compared,
                "configs": {row: asdict(c) for row, c in setting["configs"].items()}}
-    result = finish(name, args, info, report, payload, plot(points, unit, args.context), argv=argv)
-    # finish names the command after the result file: put this module's name back
-    result["command"] = result["command"].replace(f"benchmarks.{name}", f"benchmarks.{NAME}")
-    for suffix in ("json", "md"):
-        path = args.out / f"{name}.{suffix}"
-        path.write_text(path.read_text().replace(f"benchmarks.{name}", f"benchmarks.{NAME}"))
-    return result
+    return finish(name, args, info, report, payload, plot(points, unit, args.context), argv=argv, module=NAME)
 
 
 if __name__ == "__main__":

@@ -116,17 +116,6 @@ VARIANTS = {
 }
 
 
-def finish_as_recall(name: str, flag: str, args, info, report, payload: Dict, fig, argv) -> Dict:
-    """:func:`finish` for a result file ``name`` of this script: ``finish`` names the command after the
-    result file, so the command written (returned, and in the .json/.md) is ``benchmarks.recall<flag>``."""
-    result = finish(name, args, info, report, payload, fig, argv=argv)
-    result["command"] = result["command"].replace(f"benchmarks.{name}", f"benchmarks.{NAME}{flag}")
-    for suffix in ("json", "md"):
-        path = args.out / f"{name}.{suffix}"
-        path.write_text(path.read_text().replace(f"benchmarks.{name}", f"benchmarks.{NAME}{flag}"))
-    return result
-
-
 def variant_config(size: Dict, variant: str) -> TMTConfig:
     """``TMTConfig.vanilla`` with the switches of ``variant`` turned back on (``default``: every one)."""
     return TMTConfig.vanilla(**size, **VARIANTS[variant])
@@ -276,7 +265,7 @@ def variants_main(args, size: Dict, info: Dict, argv: Optional[Sequence[str]]) -
     axes[0].set_yticks(range(len(rows)), [f"{r['label']} {r['variant']}".strip() for r in rows])
     axes[0].set(xlabel="MQAR accuracy (mean ± std over seeds)", title=f"MQAR {pairs} pairs, S={S}, {args.steps} steps")
     axes[0].grid(alpha=0.3)
-    return finish_as_recall(VARIANTS_NAME, "", args, info, report, {"rows": rows, "runs": runs, "size": size}, fig, argv)
+    return finish(VARIANTS_NAME, args, info, report, {"rows": rows, "runs": runs, "size": size}, fig, argv, module=NAME)
 
 
 VARIANTS_NAME = "recall_default"
@@ -754,8 +743,8 @@ def zoology_report(args, size: Dict, points, info: Dict, argv) -> Dict:
             top.legend(fontsize=7)
     fig.tight_layout()
     slim = [{k: v for k, v in r.items() if k != "config"} for r in runs]
-    return finish_as_recall(ZOOLOGY_NAME, " --zoology", args, info, lines, {"runs": slim, "size": size, "points": points},
-                            fig, argv)
+    return finish(ZOOLOGY_NAME, args, info, lines, {"runs": slim, "size": size, "points": points}, fig, argv,
+                  module=f"{NAME} --zoology")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
