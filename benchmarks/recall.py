@@ -432,7 +432,6 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     gen = torch.Generator().manual_seed(seed)
     step, curve, seconds, stopped, train_losses = 0, [], 0.0, "budget", []
-    model.dense_warmup = cfg.mesh_dense_warmup > 0
     if partial is not None and partial.exists():
         state = torch.load(partial, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
@@ -441,13 +440,13 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
         gen.set_state(state["gen"])
         step, curve, seconds = state["step"], state["curve"], state["seconds"]
         print(f"{desc}: resumed from {partial} at {step * batch:,} sequences", flush=True)
-        model.dense_warmup = step < cfg.mesh_dense_warmup
     if not curve:
         acc, loss = evaluate(model, test)
         curve.append({"sequences": 0, "accuracy": acc, "loss": loss, "train_loss": None, "seconds": 0.0})
     bar = tqdm(total=total, initial=step, disable=not progress, desc=desc, mininterval=30, leave=False)
     start = time.perf_counter() - seconds
     while step < total and curve[-1]["accuracy"] < protocol["stop_at"]:
+        model.dense_warmup = step < cfg.mesh_dense_warmup  # the first steps attend densely (the warmup row)
         ids, labels = zoology_batch(batch, S, pairs, cfg.vocab_size, gen, protocol["power_a"], protocol["random_non_queries"])
         ids, labels = ids.to(device), labels.to(device)
         logits, target = answer_logits(model, ids, labels)
@@ -461,7 +460,6 @@ def zoology_run(cfg: TMTConfig, point: Dict, lr: float, seed: int, test, protoco
         opt.zero_grad(set_to_none=True)
         sched.step()
         step += 1
-        model.dense_warmup = step < cfg.mesh_dense_warmup
         bar.update()
         train_losses.append(loss.item())
         if step % every == 0 or step == total:
