@@ -380,11 +380,12 @@ class DynamicMesh(torch.nn.Module):
         else:
             index, valid = self._bidirectional(u, batch, ptr, target, backend)
         groups = [(index, valid)]
+        start = ptr[batch[target]] if self.window or explore else None  # first node of each target's sequence
         if self.window:
-            groups.append(window_slots(target, target - ptr[batch[target]], self.window))
+            groups.append(window_slots(target, target - start, self.window))
         groups.append((target.unsqueeze(1), torch.ones(target.numel(), 1, dtype=torch.bool, device=x.device)))
         if explore:
-            groups.append(explore_slots(target, ptr[batch[target]], groups, explore))
+            groups.append(explore_slots(target, start, groups, explore))
         index, valid = torch.cat([g[0] for g in groups], 1), torch.cat([g[1] for g in groups], 1)
         return MeshSlots(torch.where(valid, index, target.unsqueeze(1)), valid, target, u, uq)
 
