@@ -25,8 +25,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importa
 import torch
 
 from benchmarks.common import base_parser, finish, markdown_table, new_figure, setup, time_interleaved
-from tmt_pyg.layers.mesh import available_memory, flat_knn
-from tmt_pyg.layers.routed_search import neighbour_recall
+from tmt_pyg.layers.mesh import available_memory
 
 NAME = "gps_scaling"
 MODELS = ("GPSConv (dense)", "MeshGPSConv")
@@ -55,17 +54,6 @@ def build(model: str, channels: int, heads: int, k: int, exact_max_nodes: int) -
     return MeshGPSConv(channels, GCNConv(channels, channels), heads=heads, k=k, exact_max_nodes=exact_max_nodes)
 
 
-def mesh_recall(mesh, x: torch.Tensor, queries: int, seed: int) -> float:
-    """Neighbour recall of ``mesh`` (a :class:`DynamicMesh`) on the nodes ``x`` of one graph against the
-    exact search, on ``queries`` random nodes (the exact search of a sample stays cheap at any size)."""
-    with torch.no_grad():
-        slots = mesh.slots(x)
-        N, k = x.size(0), mesh.k
-        sample = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:queries].sort().values
-        exact, valid = flat_knn(slots.unit, x.new_zeros(N, dtype=torch.long), torch.tensor([0, N]), k, False, sample)
-        return neighbour_recall(slots.index[sample, :k], slots.valid[sample, :k], exact, valid)
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -90,7 +78,7 @@ def measure_here(model: str, num_nodes: int, args) -> Dict:
     row = {"model": model, "nodes": num_nodes, "edges": edge_index.size(1), "step_ms": timing["median_ms"],
            "peak_gib": (peak - before) / GiB}
     if model == MODELS[1]:  # None: the exact search (recall 1)
-        row["recall"] = mesh_recall(layer.mesh, x, args.recall_queries, args.seed) if num_nodes > args.exact_max_nodes else None
+        row["recall"] = layer.mesh.recall(x, args.recall_queries, args.seed) if num_nodes > args.exact_max_nodes else None
     return row
 
 

@@ -8,6 +8,8 @@ the neighbourhood:
 
 * ``gcn``, ``sage``, ``gat``: PyG's GCNConv, SAGEConv (mean, no root weight), GATConv (no self loops);
 * ``gps``: PyG's GPSConv (SAGEConv local + Performer global attention, LayerNorm) in place of the block;
+* ``mesh_gps``: the same with MeshGPSConv (its global attention over the kNN mesh of the node states), searched
+  exactly or, with ``--mesh-search tree``, by projection trees (then the run records the trees' neighbour recall);
 * ``mesh``: MeshAttentionConv over the given edges ∪ a kNN mesh;
 * ``mesh_sep``: two MeshAttentionConvs, one over the given edges and one over the kNN mesh alone;
 * ``mesh_gate``: ``mesh_sep`` with the mesh channel times a learned scalar gate that starts at 0, so the
@@ -65,12 +67,12 @@ from torch_geometric.nn.models import Polynormer, SGFormer
 from torch_geometric.utils import (add_self_loops, coalesce, remove_self_loops, subgraph, to_torch_csr_tensor,
                                    to_undirected)
 
-from tmt_pyg import DynamicMesh, MeshAttentionConv
+from tmt_pyg import DynamicMesh, MeshAttentionConv, MeshGPSConv
 from tmt_pyg.data import dataset_root
 from tmt_pyg.report import markdown_table
 
 DATASETS = {"minesweeper": "roc_auc", "tolokers": "roc_auc", "chameleon_filtered": "acc"}
-MODELS = ("gcn", "sage", "gat", "gps", "sgformer", "polynormer", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
+MODELS = ("gcn", "sage", "gat", "gps", "mesh_gps", "sgformer", "polynormer", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
 DEFAULT_MODELS = ("gcn", "sage", "gat", "gps", "sgformer", "polynormer", "mesh_sep", "mesh_gate")  # mesh: below mesh_sep everywhere
 CLASSIC = ("gcn", "sage", "gat")
 # the flags every model reads, at their defaults; a recipe sets them (and model-specific keys) per dataset and model
@@ -297,6 +299,8 @@ def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
         "gat": lambda: SepBlock(d, [gat()], d, drop),
         "gps": lambda: GPSConv(d, SAGEConv(d, d), heads=heads, dropout=drop, attn_type="performer",
                                attn_kwargs=dict(head_channels=d // heads), norm="layer_norm", norm_kwargs=dict(mode="node")),
+        "mesh_gps": lambda: MeshGPSConv(d, SAGEConv(d, d), heads=heads, k=args.k, dropout=drop, norm="layer_norm",
+                                        norm_kwargs=dict(mode="node"), search=args.mesh_search),
         "attn": lambda: SepBlock(d, [graph()], d, drop),
         "mesh": lambda: SepBlock(d, [mesh(True)], d + args.mesh_dim, drop),
         "mesh_sep": lambda: SepBlock(d, [graph(), mesh(False)], 2 * d + args.mesh_dim, drop),
@@ -346,7 +350,23 @@ def fit(model: nn.Module, data: Data, split: int, metric: str, args) -> Dict[str
     gates = [m.gate.item() for m in model.modules() if isinstance(m, Gated)]
     return dict(test=test_at_best, val=best_val, best_epoch=best_epoch, epochs=epoch, time=time.perf_counter() - start,
                 epoch_time=(train_time - first_step) / (epoch - 1) if epoch > 1 else train_time,
-                mesh_share=mesh_time / train_time, gates=gates, device=str(data.x.device))
+                mesh_share=mesh_time / train_time, gates=gates, device=str(data.x.device),
+                **({"recall": recall} if (recall := tree_recall(model, data)) else {}))
+
+
+def tree_recall(model: nn.Module, data: Data) -> List[float]:
+    """Per MeshGPSConv layer searched by projection trees: the neighbour recall of its search against the
+    exact one, on the node states it searches in an evaluation forward with the final weights."""
+    states = []
+    hooks = [m.register_forward_pre_hook(lambda layer, inputs: states.append((layer.mesh, inputs[0])))
+             for m in model.modules() if isinstance(m, MeshGPSConv) and m.mesh.search == "tree"]
+    if hooks:
+        model.eval()
+        with torch.no_grad():
+            model(data.x, data.edge_index)
+        for hook in hooks:
+            hook.remove()
+    return [mesh.recall(x) for mesh, x in states]
 
 
 def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
@@ -357,13 +377,14 @@ def summarize(runs: List[Dict[str, float]]) -> Dict[str, float]:
                 epoch_time=statistics.mean(r["epoch_time"] for r in runs),
                 mesh_share=statistics.mean(r["mesh_share"] for r in runs),
                 gate=statistics.mean(abs(g) for r in runs for g in r.get("gates", [])) if runs[0].get("gates") else None,
+                recall=statistics.mean(v for r in runs for v in r["recall"]) if "recall" in runs[0] else None,
                 late_best=sum(r["best_epoch"] > 0.9 * r["settings"]["epochs"] for r in runs))
 
 
 def settings_for(args, dataset: str, model: str) -> Dict:
     """What shapes the result of ``model`` on ``dataset`` (names its cache file): ``BASE`` < the recipe's
     entries for any dataset/model < for this dataset/model < the flags given < ``--quick``. The device and
-    the mesh backend do not shape it (both searches are exact)."""
+    the mesh backend do not shape it (both searches are exact); the tree search of ``mesh_gps`` does."""
     recipe, s = RECIPES[args.recipe], dict(BASE)
     for data_key, model_key in (("*", "*"), ("*", model), (dataset, "*"), (dataset, model)):
         s.update(recipe.get(data_key, {}).get(model_key, {}))
@@ -372,7 +393,8 @@ def settings_for(args, dataset: str, model: str) -> Dict:
         raise ValueError(f"polynormer: --local-epochs ({s['local_epochs']}) must be below --epochs ({s['epochs']})")
     if args.quick:
         s.update(hidden=16, epochs=5, **({"local_epochs": 2} if "local_epochs" in s else {}))
-    s.update(quick=args.quick, k=args.k, mesh_dim=args.mesh_dim, **({"recipe": args.recipe} if args.recipe != "platonov" else {}))
+    s.update(quick=args.quick, k=args.k, mesh_dim=args.mesh_dim, **({"recipe": args.recipe} if args.recipe != "platonov" else {}),
+             **({"mesh_search": args.mesh_search} if args.mesh_search != "exact" and model == "mesh_gps" else {}))
     if s["hidden"] % s["heads"] and model not in ("sgformer", "polynormer"):
         raise ValueError(f"{model}: --hidden ({s['hidden']}) must be a multiple of --heads ({s['heads']})")
     return s
@@ -408,6 +430,8 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     p.add_argument("--mesh-backend", choices=("auto", "dense", "cluster"), default="auto",
                    help="DynamicMesh's search (auto: torch-cluster's KD-tree for the low-dimensional projection)")
     p.add_argument("--mesh-block", type=int, default=256, help="query rows per block of the dense search")
+    p.add_argument("--mesh-search", choices=("exact", "tree"), default="exact",
+                   help="mesh_gps: MeshGPSConv's search (tree: projection trees above 4,096 nodes, its default as a layer)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -437,7 +461,8 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
                     cached = json.loads(path.read_text())
                 else:
                     torch.manual_seed(split)
-                    run_args = argparse.Namespace(**settings, mesh_backend=args.mesh_backend, mesh_block=args.mesh_block)
+                    run_args = argparse.Namespace(**{"mesh_search": args.mesh_search, **settings},
+                                                  mesh_backend=args.mesh_backend, mesh_block=args.mesh_block)
                     model = build(name, run_args, data.num_features, classes).to(args.device)
                     cached = dict(settings=settings, mesh_backend=args.mesh_backend,
                                   **fit(model, data, split, metric, run_args))
@@ -455,10 +480,11 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
               f"{torch.get_num_threads()} thread(s)")
         print(markdown_table(
             ["model", f"test {metric} (mean ± std, %)", "splits", "width x depth", "lr", "epochs run", "best epoch > 90 % of max",
-             "s / run", "s / training epoch", "mesh build / training epoch", "|mesh gate|"],
+             "s / run", "s / training epoch", "mesh build / training epoch", "|mesh gate|", "tree search recall"],
             [(name, f"{100 * r['test']:.2f} ± {100 * r['test_std']:.2f}", r["splits"], r["shape"], f"{r['lr']:g}",
               f"{r['epochs']:.0f}", f"{r['late_best']} of {r['splits']}", f"{r['time']:.1f}", f"{r['epoch_time']:.3f}",
-              f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-", "-" if r["gate"] is None else f"{r['gate']:.3f}")
+              f"{100 * r['mesh_share']:.1f} %" if r["mesh_share"] else "-", "-" if r["gate"] is None else f"{r['gate']:.3f}",
+              "-" if r["recall"] is None else f"{r['recall']:.2f}")
              for name, r in results[dataset].items()]))
     return results
 

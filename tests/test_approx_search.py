@@ -58,6 +58,23 @@ def test_recall_on_clustered_data():
     assert bool(valid.all()) and not bool((found == torch.arange(3000).unsqueeze(1)).any())  # k others each, no self
 
 
+def test_mesh_recall_method():
+    """``DynamicMesh.recall`` on a sample of queries equals the recall of the whole table on those rows: 1 for
+    the exact search and for graphs below ``exact_max_nodes``, the trees' recall above it; causal meshes refuse."""
+    x = clustered(3000)
+    batch = torch.zeros(3000, dtype=torch.long)
+    want, want_valid = exact(x, batch, 16)
+    tree = DynamicMesh(16, causal=False, search="tree", exact_max_nodes=1000, trees=1, leaf_size=64)
+    slots = tree.slots(x)
+    sample = torch.randperm(3000, generator=torch.Generator().manual_seed(3))[:500].sort().values
+    expected = neighbour_recall(slots.index[sample, :16], slots.valid[sample, :16], want[sample], want_valid[sample])
+    assert tree.recall(x, queries=500, seed=3) == pytest.approx(expected) and expected < 0.9
+    assert DynamicMesh(16, causal=False).recall(x, queries=500) == 1.0
+    assert DynamicMesh(16, causal=False, search="tree", exact_max_nodes=4096).recall(x, queries=500) == 1.0
+    with pytest.raises(ValueError, match="bidirectional"):
+        DynamicMesh(4, causal=True).recall(x)
+
+
 def test_tree_search_is_batch_invariant_and_permutation_equivariant():
     mesh = DynamicMesh(5, causal=False, backend="dense", search="tree", exact_max_nodes=100, leaf_size=32)
     sizes = [400, 60, 250]

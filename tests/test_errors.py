@@ -295,6 +295,18 @@ def test_conv_input_that_would_fail_deep_inside(args, match):
         MeshAttentionConv(4, 2, heads=2, decay=True)(*args)
 
 
+@pytest.mark.parametrize("channels,coord,match", [
+    pytest.param(3, None, r"coord_channels=3\) needs node coordinates `coord` of shape \(3, 3\), got None", id="no-coord"),
+    pytest.param(3, torch.randn(3, 2), r"of shape \(3, 3\), got \(3, 2\)", id="coord-wrong-width"),
+    pytest.param(3, torch.tensor([[0.0, 1, 2], [float("nan"), 0, 0], [1, 1, 1]]), r"coord holds NaN or Inf values \(1 rows\)",
+                 id="nan-coord"),
+    pytest.param(0, torch.randn(3, 3), r"`coord` given, but the layer encodes no coordinates", id="coord-unused"),
+])
+def test_bad_coordinates(channels, coord, match):
+    with pytest.raises(ValueError, match=match):
+        MeshAttentionConv(4, 2, heads=2, coord_channels=channels)(X, EDGES, coord=coord)
+
+
 def test_gps_layer_names_the_bad_argument():
     layer = MeshGPSConv(4, None, heads=2, k=2)
     with pytest.raises(ValueError, match=r"x holds non-finite node states"):

@@ -37,14 +37,18 @@ def run(fn, args):
     return out, alpha, grads
 
 
-@pytest.mark.parametrize("memory_slots", [0, 2])
-def test_compiled_equals_eager_with_gradients(compiled, memory_slots):
+@pytest.mark.parametrize("memory_slots,relative", [(0, False), (2, False), (0, True)])
+def test_compiled_equals_eager_with_gradients(compiled, memory_slots, relative):
     args = inputs(A=40, N=50) + (memory_slots,)  # memory_slots: the last 2 slots a row's own memory
+    if relative:  # a per-slot term on keys and values (encoded relative coordinates)
+        args = args + (0.0, False, torch.randn(40, 7, 2, 8).requires_grad_())
     ref, got = run(slot_attention, args), run(fused_slot_attention, args)
     assert {"forward", "backward"} <= set(fused._Fused.fns) and fused.compile_enabled()  # it did compile
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
-    for name, a, b in zip(["query", "key", "value", "memory_key", "memory_value", "decay_rate"], got[2], ref[2]):
+    names = ["query", "key", "value", "memory_key", "memory_value", "decay_rate"] + ["relative"] * relative
+    assert len(got[2]) == len(names)
+    for name, a, b in zip(names, got[2], ref[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 

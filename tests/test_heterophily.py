@@ -26,7 +26,8 @@ def test_heterophily_quick(heterophily, data_dir, tmp_path, capsys):
         assert set(models) == set(heterophily.MODELS), dataset
         for model, r in models.items():
             assert 0.0 <= r["test"] <= 1.0 and r["splits"] == 1 and r["epochs"] == 5, (dataset, model, r)
-            uses_mesh = model.startswith("mesh") or model.endswith("_mesh")
+            # mesh_gps: its search runs inside MeshGPSConv, not timed apart
+            uses_mesh = (model.startswith("mesh") or model.endswith("_mesh")) and model != "mesh_gps"
             assert (0 < r["mesh_share"] < 1) if uses_mesh else r["mesh_share"] == 0, (dataset, model, r)
             gated = model in ("mesh_gate", "gat_mesh")  # (sgformer, polynormer: no mesh, no gate)
             # 5 Adam steps move a gate that starts at 0 by at most 5 lr
@@ -139,3 +140,17 @@ def test_polynormer_turns_global_after_its_local_epochs(heterophily):
                                          **{key: None for key in heterophily.BASE}, local_epochs=300)
     with pytest.raises(ValueError, match="must be below --epochs"):
         heterophily.settings_for(bad, "tolokers", "polynormer")
+
+
+def test_tree_recall_of_mesh_gps(heterophily):
+    """A MeshGPSConv searched by trees records its neighbour recall on the states it searched (below 1 on a
+    graph above ``exact_max_nodes``); exact-search layers record nothing."""
+    from torch_geometric.data import Data
+    from tmt_pyg import MeshGPSConv
+    torch.manual_seed(0)
+    data = Data(x=torch.randn(600, 16), edge_index=torch.randint(0, 600, (2, 2000)))
+    tree = MeshGPSConv(16, None, heads=2, k=8, search="tree", exact_max_nodes=100)
+    tree.mesh.trees, tree.mesh.leaf_size = 1, 32  # one small-leaf tree: clearly approximate
+    recall = heterophily.tree_recall(tree, data)
+    assert len(recall) == 1 and 0 < recall[0] < 0.9
+    assert heterophily.tree_recall(MeshGPSConv(16, None, heads=2, k=8, search="exact"), data) == []

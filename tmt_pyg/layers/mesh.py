@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .approx_search import dense_labels, tree_knn
-from .routed_search import as_blocks, routed_knn
+from .routed_search import as_blocks, neighbour_recall, routed_knn
 from .topk import top_slots
 
 BACKENDS = ("auto", "dense", "cluster")
@@ -479,6 +479,21 @@ class DynamicMesh(torch.nn.Module):
     def forward(self, x: Tensor, batch: Optional[Tensor] = None,
                 query_index: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         return self.checked_slots(x, batch, query_index).edges()
+
+    @torch.no_grad()
+    def recall(self, x: Tensor, queries: int = 2048, seed: int = 0) -> float:
+        """Neighbour recall of this (bidirectional) mesh on the nodes ``x`` (N, D) of one graph: the share
+        of the exact ``k`` nearest neighbours of ``queries`` random nodes that its search finds (1 for
+        the exact search; below 1 where ``search="tree"`` approximates, on graphs above ``exact_max_nodes``).
+        The exact search of the sample alone stays cheap at any size."""
+        if self.causal:
+            raise ValueError("recall measures a bidirectional mesh (causal=False)")
+        slots = self.slots(x)
+        N = x.size(0)
+        sample = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:queries].sort().values.to(x.device)
+        exact, valid = flat_knn(slots.unit, x.new_zeros(N, dtype=torch.long), torch.tensor([0, N], device=x.device),
+                                self.k, False, sample)
+        return neighbour_recall(slots.index[sample, :self.k], slots.valid[sample, :self.k], exact, valid)
 
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""

@@ -24,8 +24,8 @@ from .decay import decay_factor
 def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid: Tensor,
                  memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
                  decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None, pos_src: Optional[Tensor] = None,
-                 max_seq_len: int = 1, memory_slots: int = 0, dropout: float = 0.0, training: bool = False
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+                 max_seq_len: int = 1, memory_slots: int = 0, dropout: float = 0.0, training: bool = False,
+                 relative: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Softmax attention of targets over their slots, decay after the softmax, then dropout.
 
     ``query`` (A, H, C); ``key``/``value`` (N, H, C); ``index``/``valid`` (A, S) source rows of the
@@ -35,13 +35,14 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
     ``decay_rate`` (H,) with ``pos_dst`` (A,) and ``pos_src`` (N,): :func:`decay_factor` on every slot.
     ``memory_slots = m``: the last ``m`` slots of every row are its own memory rows (the anchors of its
     graph), their logits lowered by ``log m`` like the shared block's (timeless: give them ``pos_src < 0``).
-    Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
+    ``relative`` (A, S, H, C): a per-slot term added to the slot's key and value (an encoding of the
+    relative position of source and target, :class:`MeshAttentionConv`'s ``coord_channels``). Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
     softmax before the decay (A, S + M, H).
     """
     A, S = index.shape
     H, C = query.shape[1:]
     scale = 1.0 / math.sqrt(C)
-    key_slots = gather_rows(key, index)
+    key_slots = slot_rows(key, index, relative)
     score = (key_slots * query.unsqueeze(1)).sum(-1).masked_fill(~valid.unsqueeze(-1), float("-inf")) * scale  # (A, S, H)
     if memory_slots:  # a row's memory slots together have one slot's prior, as the shared block below
         in_memory = torch.arange(S, device=score.device) >= S - memory_slots
@@ -55,7 +56,7 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
         gamma = decay_factor(decay_rate, pos_dst.unsqueeze(1), pos_src[index], max_seq_len)  # (A, S, H)
         alpha = torch.cat([prob[:, :S] * gamma, prob[:, S:]], dim=1) if memory_key is not None else prob * gamma
     weights = F.dropout(alpha, p=dropout, training=training)
-    out = (weights[:, :S].unsqueeze(-1) * gather_rows(value, index)).sum(1)  # (A, H, C)
+    out = (weights[:, :S].unsqueeze(-1) * slot_rows(value, index, relative)).sum(1)  # (A, H, C)
     if memory_key is not None:
         out = out + pair_sum(weights[:, S:], memory_value, "amh,mhc->ahc")
     return out, alpha, prob
@@ -84,6 +85,12 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(x.size(0), -1).index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
 
 
+def slot_rows(x: Tensor, index: Tensor, relative: Optional[Tensor]) -> Tensor:
+    """The slots' rows of ``x`` (N, H, C), plus the per-slot ``relative`` term where there is one: (A, S, H, C)."""
+    rows = gather_rows(x, index)
+    return rows if relative is None else rows + relative
+
+
 def slot_attention(*args, **kwargs) -> Tuple[Tensor, Tensor]:
     """The eager reference: :func:`slot_forward`'s output and alpha, differentiated by autograd."""
     out, alpha, _ = slot_forward(*args, **kwargs)
@@ -92,15 +99,15 @@ def slot_attention(*args, **kwargs) -> Tuple[Tensor, Tensor]:
 
 def slot_backward(grad_out: Tensor, grad_alpha: Optional[Tensor], query: Tensor, key: Tensor, value: Tensor, index: Tensor,
                   memory_key: Optional[Tensor], memory_value: Optional[Tensor], decay_rate: Optional[Tensor],
-                  pos_dst: Optional[Tensor], pos_src: Optional[Tensor], max_seq_len: int, alpha: Tensor, prob: Tensor
-                  ) -> Tuple[Tensor, ...]:
+                  pos_dst: Optional[Tensor], pos_src: Optional[Tensor], max_seq_len: int, alpha: Tensor, prob: Tensor,
+                  relative: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
     """Gradients of :func:`slot_forward` without dropout, from the saved ``alpha`` and ``prob``: the
     slots' keys and values are gathered again (cheaper than saving (A, S, H, C) copies), and the
     source rows' gradients are summed by one ``index_add`` each. Returns the gradients of query, key,
-    value, memory_key, memory_value and decay_rate (None where an input is None)."""
+    value, memory_key, memory_value, decay_rate and relative (None where an input is None)."""
     A, S = index.shape
     scale = 1.0 / math.sqrt(query.size(-1))
-    grad_alpha_slots = (grad_out.unsqueeze(1) * gather_rows(value, index)).sum(-1)  # (A, S, H)
+    grad_alpha_slots = (grad_out.unsqueeze(1) * slot_rows(value, index, relative)).sum(-1)  # (A, S, H)
     if memory_key is not None:
         grad_alpha_slots = torch.cat([grad_alpha_slots, pair_sum(grad_out, memory_value, "ahc,mhc->amh")], dim=1)
     grad_a = grad_alpha_slots if grad_alpha is None else grad_alpha_slots + grad_alpha  # (A, S + M, H)
@@ -116,19 +123,20 @@ def slot_backward(grad_out: Tensor, grad_alpha: Optional[Tensor], query: Tensor,
     else:
         grad_p = grad_a
     grad_score = prob * (grad_p - (prob * grad_p).sum(1, keepdim=True)) * scale  # softmax backward, (A, S + M, H)
-    grad_query = (grad_score[:, :S].unsqueeze(-1) * gather_rows(key, index)).sum(1)
+    grad_query = (grad_score[:, :S].unsqueeze(-1) * slot_rows(key, index, relative)).sum(1)
     flat = index.reshape(-1)
     H, C = query.shape[1:]
-    grad_key = key.new_zeros(key.size(0), H * C).index_add_(
-        0, flat, (grad_score[:, :S].unsqueeze(-1) * query.unsqueeze(1)).reshape(A * S, H * C)).view_as(key)
-    grad_value = value.new_zeros(value.size(0), H * C).index_add_(
-        0, flat, (alpha[:, :S].unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(A * S, H * C)).view_as(value)
+    grad_key_slots = grad_score[:, :S].unsqueeze(-1) * query.unsqueeze(1)  # (A, S, H, C)
+    grad_value_slots = alpha[:, :S].unsqueeze(-1) * grad_out.unsqueeze(1)
+    grad_key = key.new_zeros(key.size(0), H * C).index_add_(0, flat, grad_key_slots.reshape(A * S, H * C)).view_as(key)
+    grad_value = value.new_zeros(value.size(0), H * C).index_add_(0, flat, grad_value_slots.reshape(A * S, H * C)).view_as(value)
+    grad_relative = None if relative is None else grad_key_slots + grad_value_slots
     grad_mk = grad_mv = None
     if memory_key is not None:
         grad_query = grad_query + pair_sum(grad_score[:, S:], memory_key, "amh,mhc->ahc")
         grad_mk = pair_sum(grad_score[:, S:], query, "amh,ahc->mhc")
         grad_mv = pair_sum(alpha[:, S:], grad_out, "amh,ahc->mhc")
-    return grad_query, grad_key, grad_value, grad_mk, grad_mv, grad_rate
+    return grad_query, grad_key, grad_value, grad_mk, grad_mv, grad_rate, grad_relative
 
 
 class FusedSlotAttention(torch.autograd.Function):
@@ -136,23 +144,24 @@ class FusedSlotAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len,
-                memory_slots):
+                memory_slots, relative):
         out, alpha, prob = run_compiled("forward", query, key, value, index, valid, memory_key, memory_value, decay_rate,
-                                        pos_dst, pos_src, max_seq_len, memory_slots)
-        ctx.save_for_backward(query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob)
+                                        pos_dst, pos_src, max_seq_len, memory_slots, 0.0, False, relative)
+        ctx.save_for_backward(query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob,
+                              relative)
         ctx.max_seq_len = max_seq_len
         ctx.set_materialize_grads(False)
         return out, alpha
 
     @staticmethod
     def backward(ctx, grad_out, grad_alpha):
-        query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob = ctx.saved_tensors
+        query, key, value, index, memory_key, memory_value, decay_rate, pos_dst, pos_src, alpha, prob, relative = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(query)
-        grads = run_compiled("backward", grad_out, grad_alpha, query, key, value, index, memory_key, memory_value, decay_rate,
-                                 pos_dst, pos_src, ctx.max_seq_len, alpha, prob)
-        q, k, v, mk, mv, rate = grads
-        return q, k, v, None, None, mk, mv, rate, None, None, None, None
+        q, k, v, mk, mv, rate, rel = run_compiled("backward", grad_out, grad_alpha, query, key, value, index, memory_key,
+                                                  memory_value, decay_rate, pos_dst, pos_src, ctx.max_seq_len, alpha, prob,
+                                                  relative)
+        return q, k, v, None, None, mk, mv, rate, None, None, None, None, rel
 
 
 # inductor's OpenMP loops for these ops lose to one thread (measured on the 2-core dev machine, 16 x 1024 tokens,
@@ -224,7 +233,8 @@ def fused_slot_attention(query: Tensor, key: Tensor, value: Tensor, index: Tenso
                          memory_key: Optional[Tensor] = None, memory_value: Optional[Tensor] = None,
                          decay_rate: Optional[Tensor] = None, pos_dst: Optional[Tensor] = None,
                          pos_src: Optional[Tensor] = None, max_seq_len: int = 1, memory_slots: int = 0,
-                         dropout: float = 0.0, training: bool = False) -> Tuple[Tensor, Tensor]:
+                         dropout: float = 0.0, training: bool = False, relative: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor]:
     """:func:`slot_attention` (same arguments, same results to float tolerance), compiled where
     :func:`compile_enabled`: in training the hand-written :class:`FusedSlotAttention`, whose forward
     saves alpha and the softmax only; without gradients (or with attention dropout, whose random
@@ -233,8 +243,8 @@ def fused_slot_attention(query: Tensor, key: Tensor, value: Tensor, index: Tenso
     inputs = (query, key, value, index, valid, memory_key, memory_value, decay_rate, pos_dst, pos_src, max_seq_len,
               memory_slots)
     if torch.compiler.is_compiling() or not compile_enabled():
-        return slot_attention(*inputs, dropout, training)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:8])
+        return slot_attention(*inputs, dropout, training, relative)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:8] + (relative,))
     if not needs_grad or (dropout > 0 and training):
-        return run_compiled("inference", *inputs, dropout, training)
-    return FusedSlotAttention.apply(*inputs)
+        return run_compiled("inference", *inputs, dropout, training, relative)
+    return FusedSlotAttention.apply(*inputs, relative)
