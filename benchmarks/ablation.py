@@ -26,7 +26,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -53,6 +53,12 @@ ROWS = {  # row -> parts switched on over a plain causal transformer (the announ
     "decay+exit": ("use_decay", "use_exit"),
     "full": PARTS,
 }
+# rows for the compute question, beside the equal-parameter table: vanillas of the same width and fewer layers
+# (fewer parameters: the dense model of about the full model's FLOPs at tau) and the full model trained with the
+# sampled early-exit loss (the cheap exit recipe)
+COMPUTE_ROWS = {"vanilla, 2 layers": dict(n_layers=2), "vanilla, 3 layers": dict(n_layers=3),
+                "full, sampled exit loss": dict(exit_loss_sample=512)}
+ALL_ROWS = (*ROWS, *COMPUTE_ROWS)
 SINGLES = ("mesh", "decay", "exit", "anchors", "dual stream")
 MULTI_SEED = ("vanilla", "full")
 CLAIMED = {"vanilla": 42.1, "full": 29.4}  # the announcement's WikiText-2 PPLs (its other rows are not public)
@@ -76,13 +82,17 @@ RETIMED_AFTER_NOTE = "commit 8419df3"
 
 def row_configs(size: Dict, vocab_size: int, seq_len: int) -> Dict[str, TMTConfig]:
     """Config of every row: the shipped defaults with the row's parts on, the exit recipe where it has
-    exits, FFN width matched to the full model's parameter count (within 2 %)."""
+    exits, FFN width matched to the full model's parameter count (within 2 %); ``COMPUTE_ROWS``: vanilla
+    or full with the row's fields changed after the match (shallower vanillas keep the FFN width)."""
     def config(parts):
         on = {p: p in parts for p in PARTS}
         return TMTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **size, **on,
                          **(EXIT_RECIPE if "use_exit" in parts else {}))
     target = count_parameters(config(PARTS))
-    return {row: match_parameters(config(parts), target) for row, parts in ROWS.items()}
+    cfgs = {row: match_parameters(config(parts), target) for row, parts in ROWS.items()}
+    changed = {row: replace(cfgs["vanilla" if row.startswith("vanilla") else "full"], **changes)
+               for row, changes in COMPUTE_ROWS.items()}
+    return {**cfgs, **{row: cfg for row, cfg in changed.items() if cfg.n_layers <= size["n_layers"]}}  # --quick: 2 layers
 
 
 def load_corpus(data_dir: Path, vocab_size: int, cache: Path, quick: bool) -> Dict:
@@ -138,7 +148,7 @@ def train_seconds(folder: Path) -> float:
 def evaluation(model: TMTModel, loader: SequenceLoader, split: Dict, threshold: Optional[float]) -> Dict:
     out = evaluate_at_threshold(model, loader, threshold)
     return {"loss": out["loss"], "ppl": word_ppl(out["loss"], split), "subword_ppl": out["ppl"],
-            "work_fraction": out["work_fraction"], "exit_rate": out["exit_rate"]}
+            "work_fraction": out["work_fraction"], "exit_rate": out["exit_rate"], "flops_per_token": out["flops_per_token"]}
 
 
 def time_thresholds(model: TMTModel, data: Dict, loaders: Dict, taus: List[float], timing_batches: int,
@@ -256,20 +266,20 @@ def claim(folder: Path) -> bool:
 def cached_results(args, cfgs: Dict, lrs: Dict) -> List[Dict]:
     """The finished runs of this setup under ``--results`` (other setups' files are ignored)."""
     return [r for r in (json.loads(p.read_text()) for p in sorted(args.results.glob("*_seed*.json")))
-            if r["row"] in ROWS and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
+            if r["row"] in cfgs and r["identity"] == identity(cfgs[r["row"]]) and r["train_tokens"] ==
             args.steps * args.batch_size * args.seq_len and r["lr"] == lrs[r["row"]]]
 
 
-def plan(args) -> List[tuple]:
+def plan(args, cfgs: Dict) -> List[tuple]:
     """(row, seed) in study order: the first seed of vanilla and full, every other row, then the repeats."""
-    first = [(row, args.seeds[0]) for row in MULTI_SEED] + [(row, args.seeds[0]) for row in ROWS if row not in MULTI_SEED]
+    first = [(row, args.seeds[0]) for row in MULTI_SEED] + [(row, args.seeds[0]) for row in ALL_ROWS if row not in MULTI_SEED]
     repeats = [(row, seed) for seed in args.seeds[1:] for row in MULTI_SEED]
-    return [(row, seed) for row, seed in first + repeats if row in args.rows]
+    return [(row, seed) for row, seed in first + repeats if row in args.rows and row in cfgs]
 
 
 def study(args, cfgs: Dict, lrs: Dict, data: Dict, loaders: Dict) -> List[Dict]:
     """Every planned run (cached ones read back), printing the study's progress and ETA before each."""
-    results, todo = [], plan(args)
+    results, todo = [], plan(args, cfgs)
     for i, (row, seed) in enumerate(todo):
         per_token = statistics.mean(r["train_seconds"] / r["train_tokens"] for r in results) if results else None
         left = len(todo) - i
@@ -310,7 +320,7 @@ def work_at_ppl_rise(result: Dict, rise: float = 0.02) -> Optional[float]:
 def summarise(results: List[Dict]) -> Dict[str, Dict]:
     """Per row: mean (and spread over seeds) of test PPL, exits off and at tau, work and time."""
     rows = {}
-    for row in ROWS:
+    for row in ALL_ROWS:
         mine = [r for r in results if r["row"] == row]
         if not mine:
             continue
@@ -328,6 +338,9 @@ def summarise(results: List[Dict]) -> Dict[str, Dict]:
                                                           for r in ([r for r in mine if not stale(r)] or mine))
                                           if "exits" in mine[0] else None),
                      "work_at_2pct": statistics.mean(work_at_ppl_rise(r) for r in mine) if "exits" in mine[0] else None,
+                     # counted forward FLOPs per token (at tau for exit rows); runs made before they were counted: None
+                     "mflops_per_token": (statistics.mean(a["flops_per_token"] for a in at) / 1e6
+                                          if all("flops_per_token" in a for a in at) else None),
                      "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60}
     return rows
 
@@ -365,14 +378,16 @@ def report_table(rows: Dict[str, Dict]) -> str:
               f"{r['val_ppl']:.1f}", f"{r['params']:,}", len(r["seeds"]), f"{r['lr']:g}",
               f"{r['tau']:.3f}" if r["tau"] else "—", f"{r['work_fraction']:.3f}",
               f"{r['eval_time_vs_off']:.2f}x" if r["eval_time_vs_off"] else "—",
-              f"{r['work_at_2pct']:.3f}" if r["work_at_2pct"] else "—", f"{r['train_minutes']:.0f}")
+              f"{r['work_at_2pct']:.3f}" if r["work_at_2pct"] else "—",
+              f"{r['mflops_per_token']:.2f}" if r["mflops_per_token"] else "—", f"{r['train_minutes']:.0f}")
              for row, r in rows.items()]
     return markdown_table(["row", "claimed PPL", "test PPL (at τ)", "test PPL, exits off", "val PPL", "params", "seeds",
-                           "lr", "τ", "work fraction", "eval time vs exits off", "work at +2 % PPL", "train min/run"], table)
+                           "lr", "τ", "work fraction", "eval time vs exits off", "work at +2 % PPL", "MFLOPs / token (at τ)",
+                           "train min/run"], table)
 
 
 def plot(rows: Dict, results: List[Dict]):
-    fig, (bars, work, secs) = new_figure(ncols=3, width=5.0)
+    fig, (bars, work, secs, flops) = new_figure(ncols=4, width=5.0)
     names = list(rows)
     off = [rows[n]["test_ppl_exits_off"] or rows[n]["test_ppl"] for n in names]
     bars.bar(names, off, yerr=[(rows[n]["test_ppl_exits_off_std"] if rows[n]["test_ppl_exits_off"] else rows[n]["test_ppl_std"]) or 0
@@ -393,9 +408,18 @@ def plot(rows: Dict, results: List[Dict]):
         work.plot([p["work_fraction"] for p in curve], [p["ppl"] for p in curve], "o-", color=f"C{i}", label=label)
         secs.plot([p["time_vs_off"] for p in curve], [p["ppl"] for p in curve], "o-", color=f"C{i}", label=label)
         work.axhline(r["test"]["ppl"] * 1.02, color=f"C{i}", lw=0.6, ls=":")
+        counted = [p for p in [{**r["test"], "ppl": r["test"]["ppl"]}] + r["exits"]["curve"] if "flops_per_token" in p]
+        flops.plot([p["flops_per_token"] / 1e6 for p in counted], [p["ppl"] for p in counted], "o-", color=f"C{i}", label=label)
+    dense = [r for r in results if "exits" not in r and "flops_per_token" in r["test"]]  # one point per run without exits
+    for r in dense:
+        flops.scatter(r["test"]["flops_per_token"] / 1e6, r["test"]["ppl"], marker="s", color="0.3")
+        flops.annotate(f"{r['row']} s{r['seed']}", (r["test"]["flops_per_token"] / 1e6, r["test"]["ppl"]), fontsize=6,
+                       xytext=(3, 3), textcoords="offset points")
     work.set(xlabel="work fraction (layer-token rows computed)", ylabel="test PPL per word", title="one point per τ")
     secs.set(xlabel="evaluation time / exits off (measured)", ylabel="test PPL per word", title="one point per τ")
-    for ax in (work, secs):
+    flops.set(xlabel="counted forward MFLOPs per token (LM head included)", ylabel="test PPL per word",
+              title="τ curves and rows without exits (squares)")
+    for ax in (work, secs, flops):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -408,7 +432,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--runs", type=Path, default=Path("runs/ablation_bpe"), help="checkpoints of unfinished runs")
     parser.add_argument("--results", type=Path, default=Path("docs/results/ablation_runs"),
                         help="finished runs' results (tracked, so the study resumes on a fresh clone)")
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="+", choices=list(ALL_ROWS), default=list(ALL_ROWS),
+                        help="the equal-parameter rows and COMPUTE_ROWS (shallower vanillas, the sampled exit recipe)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help=f"seeds of the {'/'.join(MULTI_SEED)} rows; the other rows use the first")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the train split")
@@ -437,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     swept = sweep(args, cfgs, data, loaders, cached_only=not args.sweep)
     best = {row: min(ppls, key=ppls.get) for row, ppls in (swept or {}).items()}
     vanilla_lr, tmt_lr = args.lr or (best.get("vanilla", SWEPT_LR["vanilla"]), best.get("full", SWEPT_LR["full"]))
-    lrs = {row: vanilla_lr if row == "vanilla" else tmt_lr for row in ROWS}
+    lrs = {row: vanilla_lr if row.startswith("vanilla") else tmt_lr for row in cfgs}
     if args.sweep:
         print(json.dumps({"sweep_val_word_ppl": swept, "best": best}, indent=1))
         return {"sweep": swept, "best": best}

@@ -114,7 +114,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool = False, max_batches: int = 0,
              distributed: bool = False) -> dict:
-    """Token-weighted mean next-token loss and PPL over ``loader``, plus exit rate and work fraction.
+    """Token-weighted mean next-token loss and PPL over ``loader``, plus exit rate, work fraction and
+    the forward's counted FLOPs per token (``flops_per_token``: the layers' own count, see
+    :attr:`TMTOutput.flops`, plus the tied LM head's ``2 * d_model * vocab_size``; None for a model
+    that counts none).
     Only the LM loss is computed (from the logits), so that its time is the model's forward.
 
     When batches carry a boolean node field ``answer_mask``, ``recall_acc`` is the fraction of
@@ -127,6 +130,8 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(0)  # same batches at every evaluation
     loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches = 0.0, 0, 0, 0, 0.0, 0.0, 0
+    flop_sum, n_rows, config = 0.0, 0, getattr(model, "config", None)
+    head_flops = 2.0 * config.d_model * config.vocab_size if config is not None else 0.0
     for batch in loader:
         if max_batches and n_batches >= max_batches:
             break
@@ -144,19 +149,22 @@ def evaluate(model, loader, device: Union[str, torch.device] = "cpu", bf16: bool
             n_answers += int(answer.sum())
         exit_sum += float(out.exit_rate)
         work_sum += float(out.work_fraction)
+        flop_sum += float(getattr(out, "flops", math.nan)) + head_flops * out.logits.size(0)
+        n_rows += out.logits.size(0)
         n_batches += 1
     model.train(was_training)
     if distributed:
-        totals = torch.tensor([loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches],
+        totals = torch.tensor([loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches, flop_sum, n_rows],
                               dtype=torch.float64, device=device)
         totals = all_reduce(totals, name="the all-reduce of the validation sums")
-        loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches = totals.tolist()
+        loss_sum, n_targets, hits, n_answers, exit_sum, work_sum, n_batches, flop_sum, n_rows = totals.tolist()
         n_targets, hits, n_answers = int(n_targets), int(hits), int(n_answers)
     if n_targets == 0:
         raise ValueError("evaluation loader produced no next-token targets (empty or too-short sequences)")
     loss = loss_sum / n_targets
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "recall_acc": hits / n_answers if n_answers else None,
-            "exit_rate": exit_sum / n_batches, "work_fraction": work_sum / n_batches, "targets": n_targets}
+            "exit_rate": exit_sum / n_batches, "work_fraction": work_sum / n_batches, "targets": n_targets,
+            "flops_per_token": flop_sum / n_rows if math.isfinite(flop_sum) else None}
 
 
 class Trainer:
