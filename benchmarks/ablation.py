@@ -18,6 +18,8 @@ tables what is finished.
     python -m benchmarks.ablation --table-only             # the table, the plots, the interaction
     python -m benchmarks.ablation --retime --threads 1     # time stale exit runs again (quiet machine)
     python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
+    python -m benchmarks.ablation --threads 1 --layers 8 --rows vanilla "full, sampled exit loss" --seeds 0 \
+        --out docs/results/ablation_8_layers               # the 8-layer pair (exit savings against depth)
 """
 import argparse
 import hashlib
@@ -437,6 +439,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help=f"seeds of the {'/'.join(MULTI_SEED)} rows; the other rows use the first")
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the train split")
+    parser.add_argument("--layers", type=int, default=SIZE["n_layers"],
+                        help="depth of every row (how exit savings grow with depth; give the table its own --out)")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -449,7 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                         help="time again the finished exit runs timed before RETIMED_AFTER (final checkpoints under --runs)")
     args = parser.parse_args(argv)
     info = setup(args)
-    size = SIZE
+    size = {**SIZE, "n_layers": args.layers}
     if args.quick:
         size, args.vocab_size, args.steps, args.batch_size, args.seq_len = QUICK_SIZE, 300, 5, 4, 32
         args.seeds, args.runs, args.timing_batches, args.repeats = args.seeds[:2], args.out / "ablation_runs", 1, 1
