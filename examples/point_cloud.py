@@ -261,7 +261,7 @@ def plot_curves(runs: Dict[str, List[Dict]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv=None) -> Dict[str, Dict]:
+def argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=("geometric_shapes", "generated"), default="geometric_shapes")
     p.add_argument("--modelnet", metavar="PATH", help="use a local ModelNet10 instead")
@@ -287,7 +287,11 @@ def main(argv=None) -> Dict[str, Dict]:
     p.add_argument("--out", default="docs/results/point_cloud",
                    help="finished runs (tracked in git, so the study resumes on a fresh clone), summary.json and curves.png")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> Dict[str, Dict]:
+    args = argument_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

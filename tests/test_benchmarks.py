@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
 from benchmarks import (ablation, decode, exit_eval, exit_recipe, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
-                        mesh_backends, recall, search_scaling, shakespeare, slot_core, speculative, speed)
+                        mesh_backends, point_cloud_speed, recall, search_scaling, shakespeare, slot_core, speculative,
+                        speed)
 
 
 def run_quick(module, tmp_path: Path) -> dict:
@@ -246,3 +247,12 @@ def test_long_decode(tmp_path):
     assert {r["model"] for r in result["rows"]} == {"vanilla", "TMT, exact search", "TMT, exact search, 1 head", "TMT, routed search"}
     assert all(finite_positive(r["tokens_per_s"], r["prefill_s"]) and r["prompt"] == 96 for r in result["rows"])
     assert result["checks"] == []  # the quick prompt carries no target
+
+
+def test_point_cloud_speed(tmp_path):
+    """The three point-cloud nets timed alternately; DGCNN is the unit."""
+    result = run_quick(point_cloud_speed, tmp_path)
+    rows = result["rows"]
+    assert list(rows) == ["mesh", "mesh + relative positions", "DGCNN"] and rows["DGCNN"]["vs_dgcnn"] == 1.0
+    assert all(finite_positive(r["step_ms"], r["epoch_s"], r["params"]) for r in rows.values())
+    assert rows["mesh + relative positions"]["params"] > rows["mesh"]["params"]  # same width here: the encoders add
