@@ -16,7 +16,9 @@ the neighbourhood:
   net starts as ``attn`` and opens the mesh only as far as training finds it useful;
 * ``attn``: one MeshAttentionConv over the given edges alone (the graph channel of the two above, the
   control that says what the mesh adds);
-* ``gat_mesh``: ``gat`` plus the gated mesh channel (the mesh added to a PyG net, starting as that net);
+* ``gat_mesh``, ``gcn_mesh``: ``gat`` / ``gcn`` plus the gated mesh channel (the mesh added to a PyG net, starting as
+  that net; under ``--recipe luo`` ``gcn_mesh`` is Luo et al.'s tuned GCN with the gated mesh read added in every
+  layer after the first: the mesh as the global branch of the tuned GNN);
 * ``sgformer``, ``polynormer``: PyG's own global-attention models (``torch_geometric.nn.models``), whole, run
   on the one graph (Polynormer: local attention alone for ``local_epochs``, then its global attention too).
 
@@ -72,9 +74,11 @@ from tmt_pyg.data import dataset_root
 from tmt_pyg.report import markdown_table
 
 DATASETS = {"minesweeper": "roc_auc", "tolokers": "roc_auc", "chameleon_filtered": "acc"}
-MODELS = ("gcn", "sage", "gat", "gps", "mesh_gps", "sgformer", "polynormer", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh")
+MODELS = ("gcn", "sage", "gat", "gps", "mesh_gps", "sgformer", "polynormer", "attn", "mesh", "mesh_sep", "mesh_gate", "gat_mesh",
+          "gcn_mesh")
 DEFAULT_MODELS = ("gcn", "sage", "gat", "gps", "sgformer", "polynormer", "mesh_sep", "mesh_gate")  # mesh: below mesh_sep everywhere
 CLASSIC = ("gcn", "sage", "gat")
+TUNED_WITH_MESH = {"gcn_mesh": "gcn"}  # Luo et al.'s net with the gated mesh branch -> the net whose recipe it takes
 # the flags every model reads, at their defaults; a recipe sets them (and model-specific keys) per dataset and model
 BASE = dict(hidden=64, layers=2, heads=4, dropout=0.2, lr=1e-3, epochs=200, patience=100, eval_every=1)
 _MINESWEEPER = dict(hidden=64, dropout=0.2, lr=0.01, epochs=2000, patience=200)
@@ -87,6 +91,7 @@ RECIPES = {
         # authors' run.sh (their beta is learned per channel, PyG's is a constant: its starting value 0.5 here)
         "minesweeper": {
             "*": _MINESWEEPER, "gcn": dict(layers=12, norm="batch", residual=True),
+            "gcn_mesh": dict(layers=12, norm="batch", residual=True),
             "sage": dict(layers=15, norm="batch", residual=True), "gat": dict(layers=15, heads=1, norm="batch", residual=True),
             "sgformer": dict(layers=3, graph_weight=0.5),
             "polynormer": dict(lr=1e-3, heads=8, layers=10, global_layers=3, dropout=0.3, in_dropout=0.2, global_dropout=0.3,
@@ -94,12 +99,14 @@ RECIPES = {
         # not in Luo et al.'s study: their Minesweeper recipe at depth 5 and 1000 epochs (our choice, not tuned)
         "tolokers": {
             "*": _TOLOKERS, "gcn": dict(layers=5, norm="batch", residual=True), "sage": dict(layers=5, norm="batch", residual=True),
+            "gcn_mesh": dict(layers=5, norm="batch", residual=True),
             "gat": dict(layers=5, heads=1, norm="batch", residual=True), "sgformer": dict(layers=3, graph_weight=0.5),
             "polynormer": dict(lr=1e-3, hidden=60, heads=16, layers=7, global_layers=4, dropout=0.5, in_dropout=0.2,
                                global_dropout=0.5, beta=0.1, local_epochs=100, epochs=900)},
         "chameleon_filtered": {
             "*": dict(hidden=256, layers=2, dropout=0.7, lr=0.01, weight_decay=1e-3, epochs=200),
             "gcn": dict(hidden=512, layers=5, dropout=0.2, lr=0.005, norm="none", residual=False),
+            "gcn_mesh": dict(hidden=512, layers=5, dropout=0.2, lr=0.005, norm="none", residual=False),
             "sage": dict(layers=4, norm="batch", residual=True), "gat": dict(heads=1, norm="batch", residual=True),
             "polynormer": dict(local_epochs=100)},
     },
@@ -234,10 +241,12 @@ class GraphReader(nn.Module):
 class LuoNet(GraphReader):
     """Luo et al.'s classic GNN: ``layers`` x [conv(h) (+ Linear(h) if ``residual``) -> ``norm`` -> ReLU ->
     dropout] -> linear class scores, the first conv (``kind``: gcn, sage, gat) reading the raw features,
-    over the edges plus self loops. (N, F) -> (N, classes)."""
+    over the edges plus self loops. ``mesh_read``: a builder of one read per layer after the first (returning
+    (N, ``mesh_width``), zero while its gate is closed); its output, through a linear map to ``hidden`` (no
+    bias), joins the conv's sum: the mesh as a global branch. (N, F) -> (N, classes)."""
 
     def __init__(self, kind: str, in_channels: int, hidden: int, classes: int, layers: int, dropout: float, norm: str,
-                 residual: bool, heads: int = 1):
+                 residual: bool, heads: int = 1, mesh_read=None, mesh_width: int = 0):
         super().__init__()
         widths = [in_channels] + [hidden] * (layers - 1)
         norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm, "none": lambda _: nn.Identity()}
@@ -250,11 +259,16 @@ class LuoNet(GraphReader):
         self.skips = nn.ModuleList(nn.Linear(w, hidden) for w in widths) if residual else None
         self.norms = nn.ModuleList(norms[norm](hidden) for _ in widths)
         self.drop, self.head = nn.Dropout(dropout), nn.Linear(hidden, classes)
+        self.mesh_reads = None if mesh_read is None else nn.ModuleList(
+            nn.Sequential(mesh_read(), nn.Linear(mesh_width, hidden, bias=False)) for _ in widths[1:])
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
         adj = self.adjacency(edge_index, x.size(0), loops=self.kind != "gcn", csr=self.kind != "gat")
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             h = conv(x, adj) + (self.skips[i](x) if self.skips is not None else 0)
+            if self.mesh_reads is not None and i > 0:
+                read, out = self.mesh_reads[i - 1]
+                h = h + out(read(x, edge_index))
             x = self.drop(F.relu(norm(h)))
         return self.head(x)
 
@@ -276,8 +290,12 @@ def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
     """The model ``name`` at the width, depth and dropout of ``args`` (a run's settings); ``gcn``, ``sage``
     and ``gat`` are Luo et al.'s nets where ``args.norm`` is set (the ``luo`` recipe), else blocks of ``Net``."""
     d, heads, drop = args.hidden, args.heads, args.dropout
+    mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph, args.mesh_backend, args.mesh_block)
     if name in CLASSIC and hasattr(args, "norm"):
         return LuoNet(name, in_channels, d, classes, args.layers, drop, args.norm, args.residual, heads)
+    if name in TUNED_WITH_MESH and hasattr(args, "norm"):
+        return LuoNet(TUNED_WITH_MESH[name], in_channels, d, classes, args.layers, drop, args.norm, args.residual,
+                      mesh_read=lambda: Gated(mesh(False)), mesh_width=d + args.mesh_dim)
     if name == "sgformer":  # one global attention layer (SGFormer's design) beside a ``layers``-deep GCN
         return WholeGraph(SGFormer(in_channels, d, classes, trans_num_layers=1, trans_num_heads=1, trans_dropout=drop,
                                    gnn_num_layers=args.layers, gnn_dropout=drop, graph_weight=getattr(args, "graph_weight", 0.5)))
@@ -290,7 +308,6 @@ def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
                                                              dropout=getattr(args, "global_dropout", drop))
                                          for _ in poly.global_attn)
         return WholeGraph(poly, args.local_epochs)
-    mesh = lambda with_graph: MeshRead(d, heads, args.k, args.mesh_dim, drop, with_graph, args.mesh_backend, args.mesh_block)
     graph = lambda: MeshAttentionConv(d, d // heads, heads=heads, dropout=drop, decay=False)  # the given edges alone
     gat = lambda: GATConv(d, d // heads, heads=heads, add_self_loops=False, dropout=drop)
     block = {
@@ -306,6 +323,7 @@ def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
         "mesh_sep": lambda: SepBlock(d, [graph(), mesh(False)], 2 * d + args.mesh_dim, drop),
         "mesh_gate": lambda: SepBlock(d, [graph(), Gated(mesh(False))], 2 * d + args.mesh_dim, drop),
         "gat_mesh": lambda: SepBlock(d, [gat(), Gated(mesh(False))], 2 * d + args.mesh_dim, drop),
+        "gcn_mesh": lambda: SepBlock(d, [GCNConv(d, d), Gated(mesh(False))], 2 * d + args.mesh_dim, drop),
     }[name]
     return Net(in_channels, d, classes, [block() for _ in range(args.layers)], drop)
 

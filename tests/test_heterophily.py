@@ -29,7 +29,7 @@ def test_heterophily_quick(heterophily, data_dir, tmp_path, capsys):
             # mesh_gps: its search runs inside MeshGPSConv, not timed apart
             uses_mesh = (model.startswith("mesh") or model.endswith("_mesh")) and model != "mesh_gps"
             assert (0 < r["mesh_share"] < 1) if uses_mesh else r["mesh_share"] == 0, (dataset, model, r)
-            gated = model in ("mesh_gate", "gat_mesh")  # (sgformer, polynormer: no mesh, no gate)
+            gated = model in ("mesh_gate", "gat_mesh", "gcn_mesh")  # (sgformer, polynormer: no mesh, no gate)
             # 5 Adam steps move a gate that starts at 0 by at most 5 lr
             assert (0 < r["gate"] <= 5 * 1e-3 + 1e-6) if gated else r["gate"] is None, (dataset, model, r)
     assert list((tmp_path / "cache").glob("heterophilous/*/processed/*.pt")), "PyG processed the copied raw files"
@@ -85,7 +85,7 @@ def test_luo_recipe_quick(heterophily, data_dir, tmp_path):
     from the default recipe's runs and read back on a rerun."""
     if not (data_dir / "heterophilous").is_dir():
         pytest.skip(f"heterophilous datasets not found at {data_dir / 'heterophilous'}")
-    models = ["gcn", "sage", "gat", "sgformer", "polynormer", "gps", "mesh_gate"]
+    models = ["gcn", "sage", "gat", "sgformer", "polynormer", "gps", "mesh_gate", "gcn_mesh"]
     argv = ["--quick", "--threads", "1", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "out"), "--datasets", "minesweeper", "--recipe", "luo", "--models", *models]
     results = heterophily.main(argv)["minesweeper"]
@@ -93,6 +93,9 @@ def test_luo_recipe_quick(heterophily, data_dir, tmp_path):
     assert all(0.0 <= r["test"] <= 1.0 and r["epochs"] == 5 for r in results.values()), results
     assert results["gcn"]["shape"] == "16 x 12" and results["sage"]["shape"] == "16 x 15" and results["gcn"]["lr"] == 0.01
     assert results["polynormer"]["shape"] == "128 x 10" and results["polynormer"]["lr"] == 1e-3  # 8 heads x 16
+    # the tuned GCN with the gated mesh branch: GCN's recipe, its gates (one per layer after the first) moved
+    assert results["gcn_mesh"]["shape"] == "16 x 12" and 0 < results["gcn_mesh"]["gate"] <= 5 * 0.01 + 1e-6
+    assert 0 < results["gcn_mesh"]["mesh_share"] < 1
     cached, = (tmp_path / "out" / "minesweeper" / "gcn").glob("split0-*.json")
     record = json.loads(cached.read_text())
     assert record["settings"]["recipe"] == "luo" and record["settings"]["norm"] == "batch" and record["settings"]["residual"]
@@ -154,3 +157,21 @@ def test_tree_recall_of_mesh_gps(heterophily):
     recall = heterophily.tree_recall(tree, data)
     assert len(recall) == 1 and 0 < recall[0] < 0.9
     assert heterophily.tree_recall(MeshGPSConv(16, None, heads=2, k=8, search="exact"), data) == []
+
+
+def test_tuned_gcn_with_closed_mesh_gates_is_the_tuned_gcn(heterophily):
+    """``gcn_mesh`` under the luo recipe is Luo et al.'s GCN plus gated mesh reads that start closed: with the
+    same weights in the GCN part its output equals the GCN's until a gate opens."""
+    from argparse import Namespace
+    args = Namespace(hidden=16, heads=4, dropout=0.0, layers=3, norm="batch", residual=True, k=4, mesh_dim=4,
+                     mesh_backend="auto", mesh_block=256)
+    torch.manual_seed(0)
+    with_mesh = heterophily.build("gcn_mesh", args, 8, 2).eval()
+    plain = heterophily.build("gcn", args, 8, 2).eval()
+    assert len(with_mesh.mesh_reads) == 2
+    plain.load_state_dict({k: v for k, v in with_mesh.state_dict().items() if not k.startswith("mesh_reads")})
+    x, edges = torch.randn(50, 8), torch.randint(0, 50, (2, 200))
+    torch.testing.assert_close(with_mesh(x, edges), plain(x, edges))
+    with torch.no_grad():
+        with_mesh.mesh_reads[0][0].gate.fill_(1.0)
+    assert not torch.allclose(with_mesh(x, edges), plain(x, edges))
