@@ -106,6 +106,11 @@ def test_relative_coordinates_on_both_paths():
     edge_index, _ = mesh(x, batch)
     conv = MeshAttentionConv(16, 8, heads=2, coord_channels=3)
     assert str(conv).endswith("coord_channels=3)")
+    plain = MeshAttentionConv(16, 8, heads=2)
+    plain.load_state_dict({k: v for k, v in conv.state_dict().items() if not k.startswith("coord_nn")})
+    torch.testing.assert_close(conv(x, edge_index, coord=coord), plain(x, edge_index))  # the encoding starts at zero
+    with torch.no_grad():
+        torch.nn.init.normal_(conv.coord_nn.lins[-1].weight)  # a learned encoding, for the comparisons below
     edge_out = conv(x, edge_index, coord=coord)
     edge_grads = torch.autograd.grad(edge_out.square().sum(), list(conv.parameters()))
     with torch.no_grad():  # reference: per target, softmax over in-edges of q_i . (k_j + r_ij), messages v_j + r_ij

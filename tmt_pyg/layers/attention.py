@@ -46,7 +46,10 @@ class MeshAttentionConv(MessagePassing):
     \mathrm{MLP}(\mathbf{c}_j - \mathbf{c}_i)` of the node coordinates :math:`\mathbf{c}` (such as
     PyG's ``data.pos``) is added to every head's key and value, so the logit is
     :math:`\mathbf{q}_i^\top(\mathbf{k}_j + \mathbf{r}_{ij}) / \sqrt{d}` and the message
-    :math:`\mathbf{v}_j + \mathbf{r}_{ij}`.
+    :math:`\mathbf{v}_j + \mathbf{r}_{ij}`. The MLP's last layer starts at zero, so the layer starts as
+    the one without coordinates and training adds the encoding as far as it helps (initialised at random,
+    the encodings of far-apart mesh neighbours swamped the keys and values: the point-cloud net trained
+    to a higher loss).
 
     Args:
         in_channels (int or tuple): size of each input sample, or ``(source, target)`` sizes.
@@ -100,8 +103,10 @@ class MeshAttentionConv(MessagePassing):
         super().reset_parameters()
         for lin in (self.lin_query, self.lin_key, self.lin_value, self.lin_out):
             lin.reset_parameters()
-        if self.coord_nn is not None:
+        if self.coord_nn is not None:  # the encoding starts at zero: the layer starts as the layer without coordinates
             self.coord_nn.reset_parameters()
+            torch.nn.init.zeros_(self.coord_nn.lins[-1].weight)
+            torch.nn.init.zeros_(self.coord_nn.lins[-1].bias)
         if self.decay is not None:
             self.decay.reset_parameters()
 
