@@ -17,6 +17,7 @@ tables what is finished.
     python -m benchmarks.ablation --threads 1              # the study (about 12 h at one thread; resumes)
     python -m benchmarks.ablation --table-only             # the table, the plots, the interaction
     python -m benchmarks.ablation --retime --threads 1     # time stale exit runs again (quiet machine)
+    python -m benchmarks.ablation --time-rows --threads 1  # every row's evaluation side by side (quiet machine)
     python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
     python -m benchmarks.ablation --threads 1 --layers 8 --rows vanilla "full, sampled exit loss" --seeds 0 \
         --out docs/results/ablation_8_layers               # the 8-layer pair (exit savings against depth)
@@ -153,18 +154,35 @@ def evaluation(model: TMTModel, loader: SequenceLoader, split: Dict, threshold: 
             "work_fraction": out["work_fraction"], "exit_rate": out["exit_rate"], "flops_per_token": out["flops_per_token"]}
 
 
+def timing_loader(data: Dict, loaders: Dict, batches: int) -> SequenceLoader:
+    """The first ``batches`` test batches: what every timed evaluation runs on."""
+    test = loaders["test"]
+    return SequenceLoader(data["test"]["ids"][:batches * test.batch_size * test.seq_len], test.seq_len,
+                          test.batch_size, shuffle=False, drop_last=False)
+
+
 def time_thresholds(model: TMTModel, data: Dict, loaders: Dict, taus: List[float], timing_batches: int,
                     repeats: int) -> Dict:
     """Evaluation time at each threshold over exits off, called alternately on the first
     ``timing_batches`` test batches: ``{"ratios": {tau: ratio}, "eval_ms_off": ms, "tokens": n}``."""
-    test = loaders["test"]
-    timed = SequenceLoader(data["test"]["ids"][:timing_batches * test.batch_size * test.seq_len], test.seq_len,
-                           test.batch_size, shuffle=False, drop_last=False)
+    timed = timing_loader(data, loaders, timing_batches)
     fns = {"off": lambda: evaluate_at_threshold(model, timed, None)}
     fns.update({t: (lambda t=t: evaluate_at_threshold(model, timed, t)) for t in taus})
     times = time_interleaved(fns, repeats)
     return {"ratios": {t: times[t]["median_ms"] / times["off"]["median_ms"] for t in taus},
             "eval_ms_off": times["off"]["median_ms"], "tokens": timed.windows.numel()}
+
+
+def time_rows(cfgs: Dict, rows: Sequence[str], data: Dict, loaders: Dict, batches: int, repeats: int) -> Dict:
+    """Evaluation time (exits off) of every row's model, freshly initialised (a forward without exits costs the
+    same whatever the weights), the rows called alternately on the first ``batches`` test batches. Per row:
+    ``{"identity", "ms", "tokens", "timed_at", "load_at_timing"}``; an exit row's time at tau is its
+    ``time_vs_off`` times its ``ms``."""
+    timed = timing_loader(data, loaders, batches)
+    models = {row: TMTModel(cfgs[row]).eval() for row in rows}
+    times = time_interleaved({row: (lambda m=m: evaluate_at_threshold(m, timed, None)) for row, m in models.items()}, repeats)
+    return {row: {"identity": identity(cfgs[row]), "ms": times[row]["median_ms"], "tokens": timed.windows.numel(),
+                  "timed_at": time.time(), "load_at_timing": os.getloadavg()} for row in rows}
 
 
 def timing_record(timing: Dict) -> Dict:
@@ -319,8 +337,9 @@ def work_at_ppl_rise(result: Dict, rise: float = 0.02) -> Optional[float]:
     return points[-1][0]
 
 
-def summarise(results: List[Dict]) -> Dict[str, Dict]:
-    """Per row: mean (and spread over seeds) of test PPL, exits off and at tau, work and time."""
+def summarise(results: List[Dict], row_times: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Per row: mean (and spread over seeds) of test PPL, exits off and at tau, work and time (``row_times``:
+    :func:`time_rows`' records of the rows timed side by side; ``eval_ms`` None for a row without one)."""
     rows = {}
     for row in ALL_ROWS:
         mine = [r for r in results if r["row"] == row]
@@ -344,6 +363,8 @@ def summarise(results: List[Dict]) -> Dict[str, Dict]:
                      "mflops_per_token": (statistics.mean(a["flops_per_token"] for a in at) / 1e6
                                           if all("flops_per_token" in a for a in at) else None),
                      "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60}
+        timed = row_times.get(row)
+        rows[row]["eval_ms"] = None if timed is None else timed["ms"] * (rows[row]["eval_time_vs_off"] or 1.0)
     return rows
 
 
@@ -381,15 +402,16 @@ def report_table(rows: Dict[str, Dict]) -> str:
               f"{r['tau']:.3f}" if r["tau"] else "—", f"{r['work_fraction']:.3f}",
               f"{r['eval_time_vs_off']:.2f}x" if r["eval_time_vs_off"] else "—",
               f"{r['work_at_2pct']:.3f}" if r["work_at_2pct"] else "—",
-              f"{r['mflops_per_token']:.2f}" if r["mflops_per_token"] else "—", f"{r['train_minutes']:.0f}")
+              f"{r['mflops_per_token']:.2f}" if r["mflops_per_token"] else "—",
+              f"{r['eval_ms']:,.0f}" if r["eval_ms"] else "—", f"{r['train_minutes']:.0f}")
              for row, r in rows.items()]
     return markdown_table(["row", "claimed PPL", "test PPL (at τ)", "test PPL, exits off", "val PPL", "params", "seeds",
                            "lr", "τ", "work fraction", "eval time vs exits off", "work at +2 % PPL", "MFLOPs / token (at τ)",
-                           "train min/run"], table)
+                           "eval ms, rows side by side (at τ)", "train min/run"], table)
 
 
-def plot(rows: Dict, results: List[Dict]):
-    fig, (bars, work, secs, flops) = new_figure(ncols=4, width=5.0)
+def plot(rows: Dict, results: List[Dict], row_times: Dict[str, Dict]):
+    fig, (bars, work, secs, flops, ms) = new_figure(ncols=5, width=4.6)
     names = list(rows)
     off = [rows[n]["test_ppl_exits_off"] or rows[n]["test_ppl"] for n in names]
     bars.bar(names, off, yerr=[(rows[n]["test_ppl_exits_off_std"] if rows[n]["test_ppl_exits_off"] else rows[n]["test_ppl_std"]) or 0
@@ -412,16 +434,25 @@ def plot(rows: Dict, results: List[Dict]):
         work.axhline(r["test"]["ppl"] * 1.02, color=f"C{i}", lw=0.6, ls=":")
         counted = [p for p in [{**r["test"], "ppl": r["test"]["ppl"]}] + r["exits"]["curve"] if "flops_per_token" in p]
         flops.plot([p["flops_per_token"] / 1e6 for p in counted], [p["ppl"] for p in counted], "o-", color=f"C{i}", label=label)
+        if r["row"] in row_times:
+            ms.plot([row_times[r["row"]]["ms"] * p["time_vs_off"] for p in curve], [p["ppl"] for p in curve], "o-",
+                    color=f"C{i}", label=label)
     dense = [r for r in results if "exits" not in r and "flops_per_token" in r["test"]]  # one point per run without exits
     for r in dense:
         flops.scatter(r["test"]["flops_per_token"] / 1e6, r["test"]["ppl"], marker="s", color="0.3")
         flops.annotate(f"{r['row']} s{r['seed']}", (r["test"]["flops_per_token"] / 1e6, r["test"]["ppl"]), fontsize=6,
                        xytext=(3, 3), textcoords="offset points")
+    for name, r in rows.items():
+        if r["eval_ms"] and not r["tau"]:
+            ms.scatter(r["eval_ms"], r["test_ppl"], marker="s", color="0.3")
+            ms.annotate(name, (r["eval_ms"], r["test_ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     work.set(xlabel="work fraction (layer-token rows computed)", ylabel="test PPL per word", title="one point per τ")
     secs.set(xlabel="evaluation time / exits off (measured)", ylabel="test PPL per word", title="one point per τ")
     flops.set(xlabel="counted forward MFLOPs per token (LM head included)", ylabel="test PPL per word",
               title="τ curves and rows without exits (squares)")
-    for ax in (work, secs, flops):
+    ms.set(xlabel="evaluation ms, rows timed side by side", ylabel="test PPL per word",
+           title="τ curves (time vs exits off x exits-off ms)")
+    for ax in (work, secs, flops, ms):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -449,6 +480,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--timing-batches", type=int, default=8, help="test batches of the timed evaluations")
     parser.add_argument("--sweep", action="store_true", help=f"only the lr sweep ({SWEEP_LRS}) of vanilla and full")
     parser.add_argument("--table-only", action="store_true", help="table the cached runs, train nothing")
+    parser.add_argument("--time-rows", action="store_true",
+                        help="time every row's evaluation (exits off, fresh weights) side by side, for the table's eval ms "
+                             "column (a quiet machine; kept in --results/row_eval_times.json)")
     parser.add_argument("--retime", action="store_true",
                         help="time again the finished exit runs timed before RETIMED_AFTER (final checkpoints under --runs)")
     args = parser.parse_args(argv)
@@ -470,12 +504,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.sweep:
         print(json.dumps({"sweep_val_word_ppl": swept, "best": best}, indent=1))
         return {"sweep": swept, "best": best}
-    if not (args.table_only or args.retime):
+    if not (args.table_only or args.retime or args.time_rows):
         study(args, cfgs, lrs, data, loaders)
     results = cached_results(args, cfgs, lrs)
     if args.retime and retime(args, cfgs, data, loaders, results):
         results = cached_results(args, cfgs, lrs)
-    rows = summarise(results)
+    times_file = args.results / "row_eval_times.json"
+    row_times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    if args.time_rows:
+        row_times.update(time_rows(cfgs, [row for row in args.rows if row in cfgs], data, loaders, args.timing_batches,
+                                   args.repeats))
+        times_file.parent.mkdir(parents=True, exist_ok=True)
+        times_file.write_text(json.dumps(row_times, indent=1) + "\n")
+    row_times = {row: t for row, t in row_times.items() if row in cfgs and t["identity"] == identity(cfgs[row])}
+    rows = summarise(results, row_times)
     effect, effect_off = interaction(rows), interaction(rows, "test_ppls_exits_off")
     tokens = args.steps * args.batch_size * args.seq_len
     report = [f"Model: d={size['d_model']}, {size['n_layers']} layers, {size['n_heads']} heads, every other field the "
@@ -498,8 +540,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                           f"{eff['full_gain']:.1f} − {eff['sum_of_single_gains']:.1f} = **{eff['interaction']:+.1f} ± "
                           f"{eff['interaction_se']:.1f}** PPL ({'superadditive' if eff['interaction'] > eff['interaction_se'] else 'not superadditive' if eff['interaction'] < -eff['interaction_se'] else 'additive within its spread'}).")
     return finish(NAME, args, info, report, {"size": size, "vocab_size": data["vocab_size"], "lrs": lrs, "sweep": swept,
-                                             "rows": rows, "interaction": effect, "interaction_exits_off": effect_off,
-                                             "runs": results}, plot(rows, results), argv=argv)
+                                             "rows": rows, "row_eval_times": row_times,
+                                             "interaction": effect, "interaction_exits_off": effect_off,
+                                             "runs": results}, plot(rows, results, row_times), argv=argv)
 
 
 if __name__ == "__main__":

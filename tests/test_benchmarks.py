@@ -165,6 +165,12 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert len(cached) == len(rows) + 2, "every finished run keeps its result"
     again = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
     assert again["rows"] == result["rows"], "cached runs must reproduce the table without training"
+    assert all(r["eval_ms"] is None for r in rows.values()), "no row timed side by side yet"
+    timed = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--time-rows"])["rows"]
+    assert all(finite_positive(r["eval_ms"]) for r in timed.values())
+    assert (tmp_path / "ablation_runs" / "results" / "row_eval_times.json").exists()
+    kept = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])["rows"]
+    assert kept == timed, "the side-by-side times are kept for the table"
     stale = next(p for p in (tmp_path / "ablation_runs" / "results").glob("exit_seed*.json"))
     run = json.loads(stale.read_text())
     run["exits"]["timed_at"] = 0  # as if timed before the evaluation fix
