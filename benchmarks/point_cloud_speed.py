@@ -1,5 +1,5 @@
-"""Training-step time of the point-cloud example's three nets, called alternately: the mesh net, the mesh net
-with relative positions (``MeshAttentionConv(coord_channels=3)``) and DGCNN, each at the example's default
+"""Training-step time of the point-cloud example's nets, called alternately: the mesh net, the mesh net with
+relative positions or features (``MeshAttentionConv(coord_channels=...)``) and DGCNN, each at the example's default
 size (about 37-38k parameters), on batches of ``--batch-size`` clouds of ``--points`` points (GeometricShapes'
 training epoch: 160 clouds, so 20 steps of 8). One step: forward, cross-entropy, backward, Adam. Point
 positions are random (the cost depends on the sizes only). Median ms per step, and per epoch.
@@ -32,11 +32,14 @@ def example():
 
 
 def nets(defaults: Dict, classes: int) -> Dict[str, torch.nn.Module]:
-    """The example's three nets at its default widths and k (``defaults``: its parsed arguments)."""
+    """The example's nets at its default widths and k (``defaults``: its parsed arguments)."""
     pc = example()
     d = defaults
     return {"mesh": pc.MeshPointNet(classes, d.hidden, k=d.k, dropout=d.dropout),
-            "mesh + relative positions": pc.MeshPointNet(classes, d.relative_hidden, k=d.k, dropout=d.dropout, relative=True),
+            "mesh + relative positions": pc.MeshPointNet(classes, d.relative_hidden, k=d.k, dropout=d.dropout,
+                                                         relative="positions"),
+            "mesh + relative features": pc.MeshPointNet(classes, d.features_hidden, k=d.k, dropout=d.dropout,
+                                                        relative="features"),
             "DGCNN": pc.DGCNN(classes, d.dgcnn_hidden, k=d.k, dropout=d.dropout)}
 
 
@@ -58,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     info = setup(args)
     defaults = example().argument_parser().parse_args([])
     if args.quick:
-        defaults.hidden, defaults.relative_hidden, defaults.dgcnn_hidden, defaults.k = 16, 16, 24, 8
+        defaults.hidden, defaults.relative_hidden, defaults.features_hidden, defaults.dgcnn_hidden, defaults.k = 16, 16, 16, 24, 8
         args.points, args.batch_size, args.repeats = 32, 2, 2
     torch.manual_seed(args.seed)
     classes = 40
@@ -79,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                              [(name, f"{r['params']:,}", f"{r['step_ms']:.0f}", f"{r['epoch_s']:.2f}", f"{r['vs_dgcnn']:.2f}x")
                               for name, r in rows.items()])]
     fig, (ax,) = new_figure(width=6.0, height=2.5)
-    ax.barh(list(rows), [r["epoch_s"] for r in rows.values()], color=["C0", "C1", "C2"])
+    ax.barh(list(rows), [r["epoch_s"] for r in rows.values()], color=[f"C{i}" for i in range(len(rows))])
     ax.invert_yaxis()
     ax.set(xlabel=f"seconds per training epoch ({args.steps_per_epoch} steps, median)", title="point-cloud nets")
     return finish(NAME, args, info, report, {"rows": rows, "times": times}, fig, argv=argv)

@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -141,27 +141,36 @@ def load_modelnet(path: str, num_points: int):
 
 # ----------------------------------------------------------------------------------------- models
 
+MODELS = ("mesh", "positions", "features", "dgcnn")  # --models: the mesh net, with relative positions / features, DGCNN
+
+
 class MeshPointNet(nn.Module):
     """Embed points, then per layer: mesh from the current features (cosine kNN) -> pre-norm
     MeshAttentionConv (no decay: points have no time) with a residual; max+mean pool -> MLP.
-    ``relative``: every edge's keys and values also encode ``pos_j - pos_i`` (the conv's ``coord_channels``)."""
+    ``relative``: every edge's keys and values also encode where the source lies relative to the target (the
+    conv's ``coord_channels``): ``"positions"`` ``pos_j - pos_i``, ``"features"`` the difference of the unit
+    states the mesh was searched on (DGCNN's ``x_j - x_i``)."""
 
     def __init__(self, num_classes: int, hidden: int = 64, heads: int = 4, k: int = 16, layers: int = 3,
-                 dropout: float = 0.5, relative: bool = False):
+                 dropout: float = 0.5, relative: Optional[str] = None):
         super().__init__()
         self.embed = MLP([3, hidden, hidden], norm=None)
         self.mesh = DynamicMesh(k, causal=False)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
+        if relative not in (None, "positions", "features"):
+            raise ValueError(f"relative must be None, 'positions' or 'features', got {relative!r}")
         self.relative = relative
+        coord_channels = {None: 0, "positions": 3, "features": hidden}[relative]
         self.convs = nn.ModuleList(MeshAttentionConv(hidden, hidden // heads, heads=heads, decay=False,
-                                                     coord_channels=3 if relative else 0) for _ in range(layers))
+                                                     coord_channels=coord_channels) for _ in range(layers))
         self.head = MLP([2 * hidden, hidden, num_classes], dropout=dropout, norm=None)
 
     def forward(self, pos: Tensor, batch: Tensor) -> Tensor:
         h = self.embed(pos)  # (N, hidden)
         for norm, conv in zip(self.norms, self.convs):
             edge_index, _ = self.mesh(h, batch)
-            h = h + F.gelu(conv(norm(h), edge_index, coord=pos if self.relative else None))
+            coord = {None: None, "positions": pos, "features": F.normalize(h, dim=-1)}[self.relative]
+            h = h + F.gelu(conv(norm(h), edge_index, coord=coord))
         return self.head(torch.cat([global_max_pool(h, batch), global_mean_pool(h, batch)], dim=-1))
 
 
@@ -279,11 +288,14 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=48, help="width of the TMT network")
     p.add_argument("--relative-hidden", type=int, default=44, help="width of the TMT network with relative "
                    "positions (44: about the parameters of the others, as its position encoders add 2.5k per layer)")
+    p.add_argument("--features-hidden", type=int, default=40, help="width of the TMT network with relative features "
+                   "(40: about the parameters of the others, as its encoders of feature differences add 3.3k per layer)")
     p.add_argument("--dgcnn-hidden", type=int, default=61, help="width of DGCNN (61 vs 48: about the same parameter count)")
     p.add_argument("--k", type=int, default=16, help="neighbours per point (DGCNN's paper: 20 of 1,024 points)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (DGCNN's paper: 1e-3)")
     p.add_argument("--dropout", type=float, default=0.5, help="dropout in both classifier heads (DGCNN's paper: 0.5)")
     p.add_argument("--seeds", type=int, default=3, help="initialisations (and samplings) to average over")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which nets to run (default: all)")
     p.add_argument("--out", default="docs/results/point_cloud",
                    help="finished runs (tracked in git, so the study resumes on a fresh clone), summary.json and curves.png")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -296,7 +308,7 @@ def main(argv=None) -> Dict[str, Dict]:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.num_clouds, args.points, args.repeat, args.epochs, args.seeds = 60, 64, 1, 2, 1
-        args.hidden, args.relative_hidden, args.dgcnn_hidden, args.k = 16, 16, 24, 8
+        args.hidden, args.relative_hidden, args.features_hidden, args.dgcnn_hidden, args.k = 16, 16, 16, 24, 8
     # what shapes a result (threads and paths do not); names the cache folder. The test evaluations count:
     # each draws the test loader's base seed from the global RNG, which the later training batches share
     settings = {key: getattr(args, key) for key in ("dataset", "modelnet", "quick", "points", "repeat", "num_clouds",
@@ -307,9 +319,12 @@ def main(argv=None) -> Dict[str, Dict]:
 
     models = [("TMT mesh attention", "mesh", lambda: MeshPointNet(num_classes, args.hidden, k=args.k, dropout=args.dropout)),
               ("TMT mesh attention + relative positions", f"mesh-relative-w{args.relative_hidden}",
-               lambda: MeshPointNet(num_classes, args.relative_hidden, k=args.k, dropout=args.dropout, relative=True)),
+               lambda: MeshPointNet(num_classes, args.relative_hidden, k=args.k, dropout=args.dropout, relative="positions")),
+              ("TMT mesh attention + relative features", f"mesh-features-w{args.features_hidden}",
+               lambda: MeshPointNet(num_classes, args.features_hidden, k=args.k, dropout=args.dropout, relative="features")),
               ("DGCNN (EdgeConv + knn_graph)", "dgcnn", lambda: DGCNN(num_classes, args.dgcnn_hidden, k=args.k,
                                                                        dropout=args.dropout))]
+    models = [model for key, model in zip(MODELS, models) if key in args.models]
     runs = {name: [] for name, _, _ in models}
     for seed in range(args.seeds):
         if args.modelnet:

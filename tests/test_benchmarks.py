@@ -256,9 +256,10 @@ def test_long_decode(tmp_path):
 
 
 def test_point_cloud_speed(tmp_path):
-    """The three point-cloud nets timed alternately; DGCNN is the unit."""
+    """The point-cloud nets timed alternately; DGCNN is the unit."""
     result = run_quick(point_cloud_speed, tmp_path)
     rows = result["rows"]
-    assert list(rows) == ["mesh", "mesh + relative positions", "DGCNN"] and rows["DGCNN"]["vs_dgcnn"] == 1.0
+    assert list(rows) == ["mesh", "mesh + relative positions", "mesh + relative features", "DGCNN"]
+    assert rows["DGCNN"]["vs_dgcnn"] == 1.0
     assert all(finite_positive(r["step_ms"], r["epoch_s"], r["params"]) for r in rows.values())
     assert rows["mesh + relative positions"]["params"] > rows["mesh"]["params"]  # same width here: the encoders add
