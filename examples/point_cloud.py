@@ -1,5 +1,10 @@
 """Point-cloud shape classification: DynamicMesh + MeshAttentionConv next to DGCNN (EdgeConv).
 
+Four nets (``--models``): the mesh net; the same with every edge encoding its relative position
+``pos_j - pos_i`` (``positions``) or its relative feature ``u_j - u_i`` of the unit states the mesh was
+searched on (``features``, DGCNN's ``x_j - x_i``), through ``MeshAttentionConv(coord_channels=...)``,
+each narrower so that the parameters stay about equal; and DGCNN.
+
 Default data: PyG's GeometricShapes (40 classes of 2-D/3-D meshes, one training and one test mesh
 each), downloaded by PyG or read from a local copy at ``--data-dir``/geometric_shapes (default
 ``$TMT_DATA_DIR``; copied to ``~/.cache/tmt_pyg`` once). As PyG users do, ``SamplePoints`` draws a fresh point cloud
@@ -7,7 +12,7 @@ from each mesh surface at every access; training clouds are also randomly rotate
 about each axis) and scaled, and every epoch sees ``--repeat`` samples of each training mesh. The
 test set is ``--repeat`` samples of each test mesh, drawn with a fixed seed.
 
-Both networks rebuild a kNN graph before every layer from the current point features, train for the
+All networks rebuild a kNN graph before every layer from the current point features, train for the
 same epochs with the same batches (Adam, cosine learning rate, dropout 0.5 in the head, as DGCNN's
 paper; batches of 8 rather than its 32, see ``--batch-size``), and are sized to about the same
 parameter count. Every epoch logs the training loss, every ``--eval-every`` epochs the test accuracy;
