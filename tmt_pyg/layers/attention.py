@@ -48,8 +48,7 @@ class MeshAttentionConv(MessagePassing):
     :math:`\mathbf{q}_i^\top(\mathbf{k}_j + \mathbf{r}_{ij}) / \sqrt{d}` and the message
     :math:`\mathbf{v}_j + \mathbf{r}_{ij}`. The MLP's last layer starts at zero, so the layer starts as
     the one without coordinates and training adds the encoding as far as it helps (initialised at random,
-    the encodings of far-apart mesh neighbours swamped the keys and values: the point-cloud net trained
-    to a higher loss).
+    the point-cloud example's net with relative positions ended at training loss 1.18 against 1.05).
 
     Args:
         in_channels (int or tuple): size of each input sample, or ``(source, target)`` sizes.
