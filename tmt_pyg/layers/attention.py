@@ -70,8 +70,8 @@ class MeshAttentionConv(MessagePassing):
         input: ``x`` (N, F) or ``((N_src, F_src), (N_dst, F_dst))``, ``edge_index`` (2, E),
         ``pos`` (N,) token positions (integers; negative: timeless memory anchors) or a pair,
         read only by the decay and rotary; ``coord`` (N, coord_channels) node coordinates or a pair
-        (point coordinates such as PyG's ``data.pos`` (N, 3) go here, or into ``x``). output: (N_dst, heads * out_channels) or
-        (N_dst, out_channels); with ``return_attention_weights=True`` also
+        (point coordinates such as PyG's ``data.pos`` (N, 3) go here, or into ``x``).
+        output: (N_dst, heads * out_channels) or (N_dst, out_channels); with ``return_attention_weights=True`` also
         ``(edge_index, alpha)``, ``alpha`` (E, heads) the weights actually used (``gamma * alpha``).
     """
 

@@ -36,7 +36,8 @@ def slot_forward(query: Tensor, key: Tensor, value: Tensor, index: Tensor, valid
     ``memory_slots = m``: the last ``m`` slots of every row are its own memory rows (the anchors of its
     graph), their logits lowered by ``log m`` like the shared block's (timeless: give them ``pos_src < 0``).
     ``relative`` (A, S, H, C): a per-slot term added to the slot's key and value (an encoding of the
-    relative position of source and target, :class:`MeshAttentionConv`'s ``coord_channels``). Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
+    relative position of source and target, :class:`MeshAttentionConv`'s ``coord_channels``).
+    Returns the output (A, H, C), the weights actually used before dropout, alpha (A, S + M, H), and the
     softmax before the decay (A, S + M, H).
     """
     A, S = index.shape
