@@ -31,9 +31,8 @@ def example():
     return module
 
 
-def nets(defaults: Dict, classes: int) -> Dict[str, torch.nn.Module]:
-    """The example's nets at its default widths and k (``defaults``: its parsed arguments)."""
-    pc = example()
+def nets(pc, defaults: Dict, classes: int) -> Dict[str, torch.nn.Module]:
+    """The example's (module ``pc``) nets at its default widths and k (``defaults``: its parsed arguments)."""
     d = defaults
     return {"mesh": pc.MeshPointNet(classes, d.hidden, k=d.k, dropout=d.dropout),
             "mesh + relative positions": pc.MeshPointNet(classes, d.relative_hidden, k=d.k, dropout=d.dropout,
@@ -59,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--steps-per-epoch", type=int, default=20, help="GeometricShapes: 4 x 40 clouds / 8")
     args = parser.parse_args(argv)
     info = setup(args)
-    defaults = example().argument_parser().parse_args([])
+    pc = example()
+    defaults = pc.argument_parser().parse_args([])
     if args.quick:
         defaults.hidden, defaults.relative_hidden, defaults.features_hidden, defaults.dgcnn_hidden, defaults.k = 16, 16, 16, 24, 8
         args.points, args.batch_size, args.repeats = 32, 2, 2
@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     pos = torch.rand(args.batch_size * args.points, 3) * 2 - 1
     batch = torch.arange(args.batch_size).repeat_interleave(args.points)
     y = torch.randint(0, classes, (args.batch_size,))
-    models = nets(defaults, classes)
+    models = nets(pc, defaults, classes)
     steps = {name: training_step(m.train(), torch.optim.Adam(m.parameters(), lr=1e-3), pos, batch, y)
              for name, m in models.items()}
     times = time_interleaved(steps, args.repeats, args.warmup)

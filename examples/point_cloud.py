@@ -174,7 +174,7 @@ class MeshPointNet(nn.Module):
         h = self.embed(pos)  # (N, hidden)
         for norm, conv in zip(self.norms, self.convs):
             edge_index, _ = self.mesh(h, batch)
-            coord = {None: None, "positions": pos, "features": F.normalize(h, dim=-1)}[self.relative]
+            coord = F.normalize(h, dim=-1) if self.relative == "features" else pos if self.relative else None
             h = h + F.gelu(conv(norm(h), edge_index, coord=coord))
         return self.head(torch.cat([global_max_pool(h, batch), global_mean_pool(h, batch)], dim=-1))
 
