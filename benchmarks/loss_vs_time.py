@@ -12,8 +12,10 @@ Two settings (``--context``), rows ``vanilla`` and ``full`` at equal parameters 
   its ``tmt-exact`` row (exits off); PPL per character.
 
 Only the training steps are timed (``time.perf_counter`` around each ``Trainer.train_step``); a training step
-counts as 3x its forward's FLOPs (``TMTOutput.flops``: the layers' projections, FFN, attention edges and mesh
-search; embeddings, LM head and early-exit loss heads are not counted). Every ``--eval-every`` steps both
+counts 3x its forward's FLOPs (``TMTOutput.flops``: the layers' projections, FFN, attention edges and mesh
+search) plus every call of the tied LM head (``2 * d_model * vocab_size`` a row: the final logits, the
+early-exit loss's and the gate objective's heads; 3x where the call builds a graph, 1x under ``no_grad``);
+embeddings are not counted. Every ``--eval-every`` steps both
 models are validated on the first ``--val-batches`` validation batches, and both checkpoints and the curve
 so far (``curve.json``) are written under ``--runs/<context>``: rerun the same command to continue from the
 last validation point (a larger ``--steps`` extends the run, its cosine schedule stretched from there). The
@@ -128,12 +130,25 @@ def warm_up(rows: Dict[str, Trainer], ids: torch.Tensor) -> None:
             copy.deepcopy(trainer.model).train()(ids, compute_loss=True).loss.backward()
 
 
+def count_head_flops(model: TMTModel, tally: List[float]) -> None:
+    """Append the FLOPs of every later call of ``model.lm_head`` to ``tally``: ``2 * d_model * vocab_size`` a
+    row, 3x (forward and backward) when the call builds a graph."""
+    head, cfg = model.lm_head, model.config
+
+    def counted(h: torch.Tensor) -> torch.Tensor:
+        tally.append(2.0 * cfg.d_model * cfg.vocab_size * h.size(0) * (3 if torch.is_grad_enabled() else 1))
+        return head(h)
+    model.lm_head = counted
+
+
 def train_alternately(rows: Dict[str, Trainer], curve: Dict, runs: Path, args, ppl: Callable[[float], float]) -> None:
     """Alternate one optimizer step per row up to ``args.steps``, timing only the steps; validate both rows,
     checkpoint them and write the curve every ``args.eval_every`` steps and at the end."""
     forward_flops = {row: [] for row in rows}  # TMTOutput.flops of the row's forwards inside the current step
+    head_flops = {row: [] for row in rows}  # its LM head calls' training FLOPs
     for row, trainer in rows.items():
         trainer.model.register_forward_hook(lambda module, inputs, out, row=row: forward_flops[row].append(out.flops))
+        count_head_flops(trainer.model, head_flops[row])
     last = {row: points[-1] if points else {"seconds": 0.0, "flops": 0.0} for row, points in curve["points"].items()}
     seconds, flops = {row: last[row]["seconds"] for row in rows}, {row: last[row]["flops"] for row in rows}
     batches = {row: trainer._batches() for row, trainer in rows.items()}
@@ -141,10 +156,11 @@ def train_alternately(rows: Dict[str, Trainer], curve: Dict, runs: Path, args, p
     while step < args.steps:
         for row, trainer in rows.items():
             forward_flops[row].clear()
+            head_flops[row].clear()
             start = time.perf_counter()
             trainer.train_step(batches[row])
             seconds[row] += time.perf_counter() - start
-            flops[row] += 3 * sum(forward_flops[row])  # a training step: 3x its forward
+            flops[row] += 3 * sum(forward_flops[row]) + sum(head_flops[row])  # layers: 3x the forward
         step += 1
         if step % args.eval_every and step != args.steps:
             continue
@@ -183,7 +199,7 @@ def plot(points: Dict[str, List[Dict]], unit: str, context: int):
         for ax, key, scale in ((secs, "seconds", 1.0), (work, "flops", 1e-12)):
             ax.plot([q[key] * scale for q in p], [q["ppl"] for q in p], "o-", label=row)
     secs.set(xlabel="cumulative training seconds (steps only)", title=f"context {context}, steps alternated")
-    work.set(xlabel="cumulative training TFLOPs (3x counted forward)", title=f"context {context}")
+    work.set(xlabel="cumulative training TFLOPs (counted: layers and LM heads)", title=f"context {context}")
     for ax in (secs, work):
         ax.set(ylabel=f"validation PPL per {unit}", yscale="log")
         ax.grid(alpha=0.3, which="both")
@@ -229,8 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         f"Context {args.context}, batch {tcfg.batch_size}, {points['vanilla'][-1]['step']} steps of each row on the same "
         f"batches, optimizer steps alternated in one process ({args.threads} thread(s)); {setting['note']}. "
         f"Validation PPL per {unit} on the first {args.val_batches} validation batches every {args.eval_every} steps; "
-        f"seconds: the training steps alone; FLOPs: 3x the counted forward (TMTOutput.flops, layers only: no "
-        f"embeddings, LM head or exit-loss heads). 1-min load average at the validation points "
+        f"seconds: the training steps alone; FLOPs: 3x the counted forward of the layers (TMTOutput.flops) and "
+        f"every LM head call (final logits, early-exit and gate objectives; 1x under no_grad), no embeddings. 1-min load average at the validation points "
         f"{min(loads):.2f}–{max(loads):.2f}.",
         markdown_table(["row", "params", "lr", "steps", f"final val PPL ({unit})", "train s", "s / step", "train TFLOPs"],
                        [(row, f"{s['params']:,}", f"{s['lr']:g}", s["steps"], f"{s['val_ppl']:.2f}",

@@ -36,3 +36,22 @@ def test_loss_vs_time_resumes(tmp_path, data_dir, capsys):  # data_dir: skipped 
         assert [p["step"] for p in row["points"]] == [2, 4, 6, 8]
         assert row["points"][:3] == written["rows"][name]["points"], "the rerun continues the first run's curve"
         assert row["points"][3]["seconds"] > row["points"][2]["seconds"]
+
+
+def test_head_flops_counted_per_call():
+    """Every LM head call adds 2 * d * V a row: 3x when it builds a graph, 1x under no_grad."""
+    import torch
+    from tmt_pyg import TMTConfig, TMTModel
+    cfg = TMTConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, exit_loss_weight=0.5,
+                    exit_loss_sample=5)
+    model, tally = TMTModel(cfg), []
+    loss_vs_time.count_head_flops(model, tally)
+    ids = torch.randint(0, 50, (2, 8))
+    model(ids, compute_loss=True)
+    per_row = 2.0 * 16 * 50  # final logits on the 16 rows, the early-exit loss on 5 rows of layer 0 (graph built),
+    # the gate objective's early prediction on its 16 sampled rows of layer 0 (no_grad)
+    assert sorted(tally) == sorted([3 * per_row * 16, 3 * per_row * 5 * (cfg.n_layers - 1), per_row * 16])
+    tally.clear()
+    with torch.no_grad():
+        model(ids)
+    assert tally == [per_row * 16]
