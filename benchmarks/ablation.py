@@ -176,13 +176,16 @@ def time_thresholds(model: TMTModel, data: Dict, loaders: Dict, taus: List[float
 def time_rows(cfgs: Dict, rows: Sequence[str], data: Dict, loaders: Dict, batches: int, repeats: int) -> Dict:
     """Evaluation time (exits off) of every row's model, freshly initialised (a forward without exits costs the
     same whatever the weights), the rows called alternately on the first ``batches`` test batches. Per row:
-    ``{"identity", "ms", "tokens", "timed_at", "load_at_timing"}``; an exit row's time at tau is its
+    ``{"identity", "ms", "tokens", "flops_per_token", "timed_at", "load_at_timing"}`` (the counted forward
+    FLOPs of those batches, exits off: the same for any weights); an exit row's time at tau is its
     ``time_vs_off`` times its ``ms``."""
     timed = timing_loader(data, loaders, batches)
     models = {row: TMTModel(cfgs[row]).eval() for row in rows}
     times = time_interleaved({row: (lambda m=m: evaluate_at_threshold(m, timed, None)) for row, m in models.items()}, repeats)
+    flops = {row: evaluate_at_threshold(m, timed, None)["flops_per_token"] for row, m in models.items()}  # untimed
     return {row: {"identity": identity(cfgs[row]), "ms": times[row]["median_ms"], "tokens": timed.windows.numel(),
-                  "timed_at": time.time(), "load_at_timing": os.getloadavg()} for row in rows}
+                  "flops_per_token": flops[row], "timed_at": time.time(), "load_at_timing": os.getloadavg()}
+            for row in rows}
 
 
 def timing_record(timing: Dict) -> Dict:
@@ -365,6 +368,8 @@ def summarise(results: List[Dict], row_times: Dict[str, Dict]) -> Dict[str, Dict
                      "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60}
         timed = row_times.get(row)
         rows[row]["eval_ms"] = None if timed is None else timed["ms"] * (rows[row]["eval_time_vs_off"] or 1.0)
+        if rows[row]["mflops_per_token"] is None and "exits" not in mine[0] and (timed or {}).get("flops_per_token"):
+            rows[row]["mflops_per_token"] = timed["flops_per_token"] / 1e6  # no exits: the count does not depend on the weights
     return rows
 
 

@@ -183,6 +183,13 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert run["exits"]["at_tau"]["tau"] == run["exits"]["tau"]
     assert all(p.read_text() == text for p, text in others.items()), "runs timed since the fix are left alone"
     assert retimed["rows"]["exit"]["test_ppl"] == result["rows"]["exit"]["test_ppl"], "retiming keeps the PPLs"
+    for path in stale.parent.glob("vanilla_seed*.json"):  # as if trained before FLOPs were counted
+        run = json.loads(path.read_text())
+        del run["test"]["flops_per_token"]
+        path.write_text(json.dumps(run))
+    filled = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])["rows"]
+    # a row without exits counts the same FLOPs whatever its weights: the side-by-side timing's count stands in
+    assert filled["vanilla"]["mflops_per_token"] == pytest.approx(timed["vanilla"]["mflops_per_token"], rel=0.02)
 
 
 def test_work_at_a_ppl_rise_reads_the_tau_curve():
