@@ -139,3 +139,30 @@ def test_permutation_equivariance_and_batch_invariance(search):
     last = batch == 2
     keep = last[edge_index[0]]
     torch.testing.assert_close(layer(x[last], edge_index[:, keep] - 79, batch[last] - 2), out[last], atol=1e-5, rtol=1e-5)
+
+
+def test_coordinates_on_the_mesh_edges():
+    """coord_channels=3: the relative encoding of `coord` on the fused slot path equals MeshAttentionConv's
+    edge path over the same mesh; a fresh layer equals the one without coordinates; bad coord is refused."""
+    x, edge_index, batch = graph_batch()
+    pos = torch.randn(x.size(0), 3)
+    plain = MeshGPSConv(8, None, heads=2, k=3, norm=None).eval()
+    layer = MeshGPSConv(8, None, heads=2, k=3, norm=None, coord_channels=3).eval()
+    layer.load_state_dict(plain.state_dict(), strict=False)
+    torch.testing.assert_close(layer(x, edge_index, batch, coord=pos), plain(x, edge_index, batch))
+    for lin in layer.attn.coord_nn.lins:  # a trained encoding: no longer zero
+        torch.nn.init.normal_(lin.weight)
+    out = layer(x, edge_index, batch, coord=pos)
+    mesh_edges = layer.mesh.checked_slots(x, batch).edges()[0]
+    h = layer.attn(x, mesh_edges, coord=pos) + x
+    torch.testing.assert_close(out, h + layer.mlp(h), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, plain(x, edge_index, batch), atol=1e-3)
+    layer.train()
+    layer(x, edge_index, batch, coord=pos).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.attn.coord_nn.parameters())
+    with pytest.raises(ValueError, match="needs node coordinates"):
+        layer(x, edge_index, batch)
+    with pytest.raises(ValueError, match="coord_channels=D"):
+        plain(x, edge_index, batch, coord=pos)
+    with pytest.raises(ValueError, match="NaN"):
+        layer(x, edge_index, batch, coord=torch.full_like(pos, float("nan")))

@@ -56,10 +56,13 @@ class MeshGPSConv(torch.nn.Module):
         search (str): ``"tree"`` (graphs above ``exact_max_nodes`` approximately) or ``"exact"``.
         exact_max_nodes (int): largest graph searched exactly by ``search="tree"``.
         trees (int): projection trees of the tree search (more: higher neighbour recall, proportionally more time).
+        coord_channels (int): size of node coordinates ``coord`` (such as ``data.pos``) whose differences
+            :class:`MeshAttentionConv` encodes on every mesh edge (0: none).
 
     Shapes:
         input: ``x`` (N, channels), ``edge_index`` (2, E) or any ``Adj`` the conv takes,
-        ``batch`` (N,) sorted (None: one graph). output: (N, channels); with
+        ``batch`` (N,) sorted (None: one graph), ``coord`` (N, coord_channels) where the layer encodes
+        coordinates (the mesh is searched on ``x``, not on them). output: (N, channels); with
         ``return_attention_weights=True`` also the mesh as ``(edge_index (2, E), alpha (E, heads))``.
     """
 
@@ -67,14 +70,15 @@ class MeshGPSConv(torch.nn.Module):
                  dropout: float = 0.0, attn_dropout: float = 0.0, act: str = "relu",
                  act_kwargs: Optional[Dict[str, Any]] = None, norm: Optional[str] = "batch_norm",
                  norm_kwargs: Optional[Dict[str, Any]] = None, mesh_backend: str = "auto", search: str = "tree",
-                 exact_max_nodes: int = 4096, trees: int = 4):
+                 exact_max_nodes: int = 4096, trees: int = 4, coord_channels: int = 0):
         super().__init__()
         if channels % heads:
             raise ValueError(f"heads ({heads}) must divide channels ({channels})")
         self.channels, self.conv, self.heads, self.k, self.dropout = channels, conv, heads, k, dropout
         self.mesh = DynamicMesh(k, causal=False, backend=mesh_backend, search=search, exact_max_nodes=exact_max_nodes,
                                 trees=trees)
-        self.attn = MeshAttentionConv(channels, channels // heads, heads=heads, dropout=attn_dropout, decay=False)
+        self.attn = MeshAttentionConv(channels, channels // heads, heads=heads, dropout=attn_dropout, decay=False,
+                                      coord_channels=coord_channels)
         self.mlp = Sequential(
             Linear(channels, 2 * channels),
             activation_resolver(act, **(act_kwargs or {})),
@@ -104,12 +108,15 @@ class MeshGPSConv(torch.nn.Module):
         return norm(h, batch=batch) if self.norm_with_batch else norm(h)
 
     def forward(self, x: Tensor, edge_index: Adj, batch: OptTensor = None,
-                return_attention_weights: Optional[bool] = None, **kwargs):
+                return_attention_weights: Optional[bool] = None, coord: OptTensor = None, **kwargs):
+        attn = self.attn
+        if attn.coord_channels or coord is not None:
+            attn.check_input(x, x, None, None, None, (coord, coord))
         with torch.no_grad():  # the search is not differentiated; without autograd its top-k ranks fewer columns
             mesh = self.mesh.checked_slots(x, batch)  # the kNN mesh of the current states
-        attn = self.attn
         key, value = attn.project_key_value(x, None)
-        h, alpha = attn.attend_slots(attn.project_query(x, None), key, value, mesh.index, mesh.valid, (None, None))
+        h, alpha = attn.attend_slots(attn.project_query(x, None), key, value, mesh.index, mesh.valid, (None, None),
+                                     coord=(coord, coord))
         h = F.dropout(h, p=self.dropout, training=self.training)
         out = self.normalize(self.norm2, h + x, batch)
         if self.conv is not None:  # local message passing on the input graph
