@@ -149,14 +149,7 @@ class MeshAttentionConv(MessagePassing):
         silently spread NaN (value checks are skipped under ``torch.compile``)."""
         if (self.rotary or self.decay is not None) and (pos_src is None or pos_dst is None):
             raise ValueError("MeshAttentionConv with decay or rotary needs node positions `pos`")
-        if self.coord_channels:
-            for c, nodes in zip(coord, (x_src.size(0), x_dst.size(0))):
-                if c is None or c.shape != (nodes, self.coord_channels):
-                    raise ValueError(f"MeshAttentionConv(coord_channels={self.coord_channels}) needs node coordinates "
-                                     f"`coord` of shape ({nodes}, {self.coord_channels}), got "
-                                     f"{None if c is None else tuple(c.shape)}")
-        elif any(c is not None for c in coord):
-            raise ValueError("`coord` given, but the layer encodes no coordinates: build it with coord_channels=D")
+        self.check_coord(coord, (x_src.size(0), x_dst.size(0)))
         for name, t in (("edge_index", edge_index), ("pos", pos_src), ("pos", pos_dst), *(("coord", c) for c in coord)):
             if isinstance(t, Tensor) and t.device != x_dst.device:
                 raise ValueError(f"{name} is on {t.device} but x is on {x_dst.device}")
@@ -167,9 +160,26 @@ class MeshAttentionConv(MessagePassing):
                                  "(PyG's data.pos) go to `coord` (with coord_channels) or into x")
         if not torch.compiler.is_compiling():
             named = [("x", t) for t in ((x_src,) if x_src is x_dst else (x_src, x_dst))]
-            for name, t in named + [("coord", c) for c in dict.fromkeys(coord) if c is not None]:
+            for name, t in named:
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).any(-1).sum())} rows): "
+                                     "attention would spread them to every neighbour")
+
+    def check_coord(self, coord: Tuple[OptTensor, OptTensor], nodes: Tuple[int, int]) -> None:
+        """A ValueError for (source, target) coordinates that do not match ``coord_channels`` and the
+        ``nodes`` (source, target) counts, or that hold NaN or Inf."""
+        if not self.coord_channels:
+            if any(c is not None for c in coord):
+                raise ValueError("`coord` given, but the layer encodes no coordinates: build it with coord_channels=D")
+            return
+        for c, n in zip(coord, nodes):
+            if c is None or c.shape != (n, self.coord_channels):
+                raise ValueError(f"MeshAttentionConv(coord_channels={self.coord_channels}) needs node coordinates "
+                                 f"`coord` of shape ({n}, {self.coord_channels}), got {None if c is None else tuple(c.shape)}")
+        if not torch.compiler.is_compiling():
+            for c in dict.fromkeys(coord):
+                if not bool(torch.isfinite(c).all()):
+                    raise ValueError(f"coord holds NaN or Inf values ({int((~torch.isfinite(c)).any(-1).sum())} rows): "
                                      "attention would spread them to every neighbour")
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Adj,

@@ -110,8 +110,7 @@ class MeshGPSConv(torch.nn.Module):
     def forward(self, x: Tensor, edge_index: Adj, batch: OptTensor = None,
                 return_attention_weights: Optional[bool] = None, coord: OptTensor = None, **kwargs):
         attn = self.attn
-        if attn.coord_channels or coord is not None:
-            attn.check_input(x, x, None, None, None, (coord, coord))
+        attn.check_coord((coord, coord), (x.size(0), x.size(0)))
         with torch.no_grad():  # the search is not differentiated; without autograd its top-k ranks fewer columns
             mesh = self.mesh.checked_slots(x, batch)  # the kNN mesh of the current states
         key, value = attn.project_key_value(x, None)
