@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_eval, exit_recipe, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
+from benchmarks import (ablation, decode, exit_eval, exit_noise, exit_recipe, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
                         mesh_backends, point_cloud_speed, recall, search_scaling, shakespeare, slot_core, speculative,
                         speed)
 
@@ -82,6 +82,16 @@ def test_exit_recipe(tmp_path):
     configs = result["configs"]
     assert configs[models[-1]]["exit_loss_sample"] == 16 and configs[models[-2]]["exit_loss_sample"] == 0
     assert configs[models[-1]]["exit_loss_weight"] == configs[models[-2]]["exit_loss_weight"] > 0
+
+
+def test_exit_noise(tmp_path):
+    result = run_quick(exit_noise, tmp_path)
+    rows = {r["part"]: r for r in result["rows"]}
+    assert list(rows)[-1] == "all" and {"embedding and head", "block 0", "block 1"} <= set(rows)
+    last = rows[f"block {result['config']['n_layers'] - 1}"]
+    assert last["exit_grad_sq"] == last["sampling_noise"] == 0 < last["minibatch_noise"]  # no exit reads the last block
+    assert all(finite_positive(rows[p]["sampling_noise"], rows[p]["minibatch_noise"]) for p in ("block 0", "all"))
+    assert result["bias_sq"] < 3 * result["bias_sq_expected"]  # unbiased: the draws' mean misses by their spread only
 
 
 def test_decode(tmp_path):
