@@ -146,18 +146,20 @@ def load_modelnet(path: str, num_points: int):
 
 # ----------------------------------------------------------------------------------------- models
 
-MODELS = ("mesh", "positions", "features", "dgcnn")  # --models: the mesh net, with relative positions / features, DGCNN
+MODELS = ("mesh", "positions", "features", "block", "dgcnn")  # --models: the mesh net, with relative positions /
+# features, as transformer blocks (attention + FFN), DGCNN
 
 
 class MeshPointNet(nn.Module):
     """Embed points, then per layer: mesh from the current features (cosine kNN) -> pre-norm
-    MeshAttentionConv (no decay: points have no time) with a residual; max+mean pool -> MLP.
-    ``relative``: every edge's keys and values also encode where the source lies relative to the target (the
+    MeshAttentionConv (no decay: points have no time) with a residual; max+mean pool -> MLP. ``ffn``: each
+    layer a transformer block instead (attention, then a pre-norm two-layer MLP of width 2 x hidden, each with
+    its residual), so that every point also passes through a nonlinear map per layer. ``relative``: every edge's keys and values also encode where the source lies relative to the target (the
     conv's ``coord_channels``): ``"positions"`` ``pos_j - pos_i``, ``"features"`` the difference of the unit
     states the mesh was searched on (DGCNN's ``x_j - x_i``)."""
 
     def __init__(self, num_classes: int, hidden: int = 64, heads: int = 4, k: int = 16, layers: int = 3,
-                 dropout: float = 0.5, relative: Optional[str] = None):
+                 dropout: float = 0.5, relative: Optional[str] = None, ffn: bool = False):
         super().__init__()
         self.embed = MLP([3, hidden, hidden], norm=None)
         self.mesh = DynamicMesh(k, causal=False)
@@ -168,14 +170,20 @@ class MeshPointNet(nn.Module):
         coord_channels = {None: 0, "positions": 3, "features": hidden}[relative]
         self.convs = nn.ModuleList(MeshAttentionConv(hidden, hidden // heads, heads=heads, decay=False,
                                                      coord_channels=coord_channels) for _ in range(layers))
+        self.ffns = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), MLP([hidden, 2 * hidden, hidden], act="gelu", norm=None))
+                                  for _ in range(layers)) if ffn else None
         self.head = MLP([2 * hidden, hidden, num_classes], dropout=dropout, norm=None)
 
     def forward(self, pos: Tensor, batch: Tensor) -> Tensor:
         h = self.embed(pos)  # (N, hidden)
-        for norm, conv in zip(self.norms, self.convs):
+        for layer, (norm, conv) in enumerate(zip(self.norms, self.convs)):
             edge_index, _ = self.mesh(h, batch)
             coord = F.normalize(h, dim=-1) if self.relative == "features" else pos if self.relative else None
-            h = h + F.gelu(conv(norm(h), edge_index, coord=coord))
+            if self.ffns is None:
+                h = h + F.gelu(conv(norm(h), edge_index, coord=coord))
+            else:
+                h = h + conv(norm(h), edge_index, coord=coord)
+                h = h + self.ffns[layer](h)
         return self.head(torch.cat([global_max_pool(h, batch), global_mean_pool(h, batch)], dim=-1))
 
 
@@ -295,6 +303,8 @@ def argument_parser() -> argparse.ArgumentParser:
                    "positions (44: about the parameters of the others, as its position encoders add 2.5k per layer)")
     p.add_argument("--features-hidden", type=int, default=40, help="width of the TMT network with relative features "
                    "(40: about the parameters of the others, as its encoders of feature differences add 3.3k per layer)")
+    p.add_argument("--block-hidden", type=int, default=36, help="width of the TMT network of transformer blocks "
+                   "(36: about the plain net's parameter count)")
     p.add_argument("--dgcnn-hidden", type=int, default=61, help="width of DGCNN (61 vs 48: about the same parameter count)")
     p.add_argument("--k", type=int, default=16, help="neighbours per point (DGCNN's paper: 20 of 1,024 points)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate (DGCNN's paper: 1e-3)")
@@ -313,7 +323,7 @@ def main(argv=None) -> Dict[str, Dict]:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.num_clouds, args.points, args.repeat, args.epochs, args.seeds = 60, 64, 1, 2, 1
-        args.hidden, args.relative_hidden, args.features_hidden, args.dgcnn_hidden, args.k = 16, 16, 16, 24, 8
+        args.hidden, args.relative_hidden, args.features_hidden, args.block_hidden, args.dgcnn_hidden, args.k = 16, 16, 16, 16, 24, 8
     # what shapes a result (threads and paths do not); names the cache folder. The test evaluations count:
     # each draws the test loader's base seed from the global RNG, which the later training batches share
     settings = {key: getattr(args, key) for key in ("dataset", "modelnet", "quick", "points", "repeat", "num_clouds",
@@ -327,6 +337,8 @@ def main(argv=None) -> Dict[str, Dict]:
                lambda: MeshPointNet(num_classes, args.relative_hidden, k=args.k, dropout=args.dropout, relative="positions")),
               ("TMT mesh attention + relative features", f"mesh-features-w{args.features_hidden}",
                lambda: MeshPointNet(num_classes, args.features_hidden, k=args.k, dropout=args.dropout, relative="features")),
+              ("TMT mesh attention, transformer blocks", f"mesh-block-w{args.block_hidden}",
+               lambda: MeshPointNet(num_classes, args.block_hidden, k=args.k, dropout=args.dropout, ffn=True)),
               ("DGCNN (EdgeConv + knn_graph)", "dgcnn", lambda: DGCNN(num_classes, args.dgcnn_hidden, k=args.k,
                                                                        dropout=args.dropout))]
     models = [model for key, model in zip(MODELS, models) if key in args.models]

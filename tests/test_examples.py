@@ -9,18 +9,18 @@ from conftest import load_example
 
 @pytest.mark.parametrize("dataset", ["geometric_shapes", "generated"])
 def test_point_cloud_quick(dataset, data_dir, tmp_path):
-    """The four nets side by side with per-epoch curves; a second call reads every run from the cache."""
+    """The five nets side by side with per-epoch curves; a second call reads every run from the cache."""
     argv = ["--quick", "--dataset", dataset, "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "data"),
             "--out", str(tmp_path / "runs")]
     results = load_example("point_cloud").main(argv)
-    assert len(results) == 4
+    assert len(results) == 5
     for model, metrics in results.items():
         assert 0.0 <= metrics["test_acc"] <= 1.0 and len(metrics["test_accs"]) == metrics["seeds"] == 1, (model, metrics)
     (out,) = (tmp_path / "runs").iterdir()
     assert (out / "curves.png").exists() and (out / "summary.json").exists()
     runs = sorted(out.glob("*-seed0.json"))
-    assert [r.name for r in runs] == ["dgcnn-seed0.json", "mesh-features-w16-seed0.json", "mesh-relative-w16-seed0.json",
-                                      "mesh-seed0.json"]
+    assert [r.name for r in runs] == ["dgcnn-seed0.json", "mesh-block-w16-seed0.json", "mesh-features-w16-seed0.json",
+                                      "mesh-relative-w16-seed0.json", "mesh-seed0.json"]
     assert all(len(json.loads(r.read_text())["curve"]) == 2 for r in runs)  # --quick: 2 epochs, one record each
     stamps = [r.stat().st_mtime_ns for r in runs]
     assert load_example("point_cloud").main(argv) == results
