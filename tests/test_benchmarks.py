@@ -200,6 +200,31 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     filled = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])["rows"]
     # a row without exits counts the same FLOPs whatever its weights: the side-by-side timing's count stands in
     assert filled["vanilla"]["mflops_per_token"] == pytest.approx(timed["vanilla"]["mflops_per_token"], rel=0.02)
+    for path in stale.parent.glob("full_seed*.json"):  # exit runs as if made before FLOPs were counted
+        run = json.loads(path.read_text())
+        for point in [run["test"], run["exits"]["at_tau"], *run["exits"]["curve"]]:
+            del point["flops_per_token"]
+        path.write_text(json.dumps(run))
+    filled = ablation.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])["rows"]
+    # the sampled-loss run has the same architecture: its count, read at the full runs' work fractions, is theirs
+    assert filled["full"]["mflops_from_work"] and not timed["full"]["mflops_from_work"]
+    assert filled["full"]["mflops_per_token"] == pytest.approx(timed["full"]["mflops_per_token"], rel=1e-3)
+
+
+def test_counted_flops_filled_from_the_work_fraction():
+    def run(identity, points, counted):
+        pts = [{"work_fraction": w, **({"flops_per_token": 1e6 + 3e6 * w + bend * w * w} if counted else {})}
+               for w, bend in points]
+        return {"identity": identity, "test": pts[0], "exits": {"at_tau": pts[1], "curve": pts[1:]}}
+    line = [(1.0, 0), (0.8, 0), (0.6, 0)]
+    ref, old = run({"n": 4, "exit_loss_sample": 512}, line, True), run({"n": 4}, [(1.0, 0), (0.7, 0)], False)
+    other = run({"n": 8}, [(1.0, 0), (0.7, 0)], False)
+    ablation.fill_counted_flops([ref, old, other])
+    assert old["exits"]["at_tau"]["flops_per_token"] == pytest.approx(1e6 + 3e6 * 0.7) and old["test"]["flops_from_work"]
+    assert "flops_per_token" not in other["test"], "another architecture's count is not borrowed"
+    bent, old = run({"n": 4}, [(1.0, 0), (0.8, 5e5), (0.6, 0)], True), run({"n": 4}, [(1.0, 0), (0.7, 0)], False)
+    ablation.fill_counted_flops([bent, old])
+    assert "flops_per_token" not in old["test"], "a count that is not linear in the work is not extrapolated"
 
 
 def test_work_at_a_ppl_rise_reads_the_tau_curve():
