@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
 
-from benchmarks import (ablation, decode, exit_eval, exit_noise, exit_recipe, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
+from benchmarks import (ablation, decode, exit_eval, exit_noise, exit_recipe, exit_sample, exit_speed, long_context_lm, long_decode, memory,  # noqa: E402
                         mesh_backends, point_cloud_speed, recall, search_scaling, shakespeare, slot_core, speculative,
                         speed)
 
@@ -92,6 +92,17 @@ def test_exit_noise(tmp_path):
     assert last["exit_grad_sq"] == last["sampling_noise"] == 0 < last["minibatch_noise"]  # no exit reads the last block
     assert all(finite_positive(rows[p]["sampling_noise"], rows[p]["minibatch_noise"]) for p in ("block 0", "all"))
     assert result["bias_sq"] < 3 * result["bias_sq_expected"]  # unbiased: the draws' mean misses by their spread only
+
+
+def test_exit_sample(tmp_path, data_dir):  # data_dir: skipped where the shared corpora are missing
+    result = run_quick(exit_sample, tmp_path)
+    assert [r["variant"] for r in result["rows"]] == list(exit_sample.QUICK_VARIANTS)
+    assert all(finite_positive(r["val_ppl"]) and r["seeds"] == [0] for r in result["rows"])
+    runs = sorted((tmp_path / "exit_sample_runs").glob("*.json"))
+    assert len(runs) == len(exit_sample.QUICK_VARIANTS)
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = exit_sample.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--table-only"])
+    assert again["rows"] == result["rows"] and [p.stat().st_mtime_ns for p in runs] == stamps, "cached runs are read back"
 
 
 def test_decode(tmp_path):
