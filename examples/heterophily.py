@@ -66,6 +66,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn import GATConv, GCNConv, GPSConv, SAGEConv
 from torch_geometric.nn.attention import PolynormerAttention
 from torch_geometric.nn.models import Polynormer, SGFormer
+from tqdm.auto import tqdm
 from torch_geometric.utils import (add_self_loops, coalesce, remove_self_loops, subgraph, to_torch_csr_tensor,
                                    to_undirected)
 
@@ -330,12 +331,12 @@ def build(name: str, args, in_channels: int, classes: int) -> nn.Module:
 
 # -------------------------------------------------------------------------------------- training
 
-def fit(model: nn.Module, data: Data, split: int, metric: str, args) -> Dict[str, float]:
+def fit(model: nn.Module, data: Data, split: int, metric: str, args, desc: str = "train") -> Dict[str, float]:
     """Full-batch training on split ``split``, evaluated every ``eval_every`` epochs; returns the test
     metric at the best validation metric (first best), the epochs run, the run time, the mean time of
     a training step after the first (which pays one-off costs such as compiling), the share of the
     training steps' time spent building meshes and the final value of every mesh gate. ``args``: the run's
-    settings (lr, weight_decay, epochs, eval_every, patience)."""
+    settings (lr, weight_decay, epochs, eval_every, patience); ``desc``: the progress bar's label."""
     train, val, test = (getattr(data, f"{part}_mask")[:, split] for part in ("train", "val", "test"))
     score = (lambda out, mask: roc_auc(out[mask, 1] - out[mask, 0], data.y[mask])) if metric == "roc_auc" else \
         (lambda out, mask: (out[mask].argmax(-1) == data.y[mask]).float().mean().item())
@@ -343,7 +344,8 @@ def fit(model: nn.Module, data: Data, split: int, metric: str, args) -> Dict[str
     best_val, test_at_best, best_epoch, train_time, first_step, epoch = -1.0, 0.0, 0, 0.0, 0.0, 0
     sync = torch.cuda.synchronize if data.x.is_cuda else (lambda: None)  # honest step times on a GPU
     start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
+    bar = tqdm(range(1, args.epochs + 1), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
         if epoch - 1 == getattr(model, "local_epochs", None):  # Polynormer: local attention first, then global too
             model.model._global = True
         step_start = time.perf_counter()
@@ -362,8 +364,10 @@ def fit(model: nn.Module, data: Data, split: int, metric: str, args) -> Dict[str
             out = model(data.x, data.edge_index)
         if (v := score(out, val)) > best_val:
             best_val, test_at_best, best_epoch = v, score(out, test), epoch
+        bar.set_postfix(best_val=f"{best_val:.4f}", best_epoch=best_epoch)
         if epoch - best_epoch >= args.patience:
             break
+    bar.close()
     mesh_time = sum(getattr(m, "mesh_time", 0.0) for m in model.modules())
     gates = [m.gate.item() for m in model.modules() if isinstance(m, Gated)]
     return dict(test=test_at_best, val=best_val, best_epoch=best_epoch, epochs=epoch, time=time.perf_counter() - start,
@@ -483,7 +487,7 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
                                                   mesh_backend=args.mesh_backend, mesh_block=args.mesh_block)
                     model = build(name, run_args, data.num_features, classes).to(args.device)
                     cached = dict(settings=settings, mesh_backend=args.mesh_backend,
-                                  **fit(model, data, split, metric, run_args))
+                                  **fit(model, data, split, metric, run_args, desc=f"{dataset} {name} split {split}"))
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(cached, indent=1))
                     print(f"{dataset} {name} split {split}: test {metric} {100 * cached['test']:.2f}, {cached['epochs']} epochs, "
