@@ -1,6 +1,6 @@
 """How much gradient noise the sampled early-exit loss adds: on one model (a checkpoint of the WikiText-2
-ablation, or fresh weights), the gradient of the early-exit loss scored on ``--sample`` random tokens, over
-``--draws`` draws on one batch, against the same loss on every token (its mean: the bias check; its spread: the
+ablation, or fresh weights), the gradient of the early-exit loss scored on ``--sample`` random tokens (0: all) and
+``--layers`` early layers drawn in proportion to their weight (0: all), over ``--draws`` draws on one batch, against the same loss on every token (its mean: the bias check; its spread: the
 sampling noise), and that noise, times the loss weight squared, against the minibatch noise of the whole
 training loss over ``--batches`` training batches. Per block and in total; dropout off.
 
@@ -65,18 +65,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                                   "are measured; default: the full row with fresh weights")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR / "wikitext-2")
     parser.add_argument("--cache", type=Path, default=Path("runs/ablation_bpe"), help="folder of the cached BPE tokenizer")
-    parser.add_argument("--sample", type=int, default=512, help="tokens the sampled loss scores per batch")
+    parser.add_argument("--sample", type=int, default=512, help="tokens the sampled loss scores per batch (0: all)")
+    parser.add_argument("--layers", type=int, default=0, help="early layers the sampled loss scores per batch (0: all)")
     parser.add_argument("--draws", type=int, default=16, help="draws of the sampled loss on the first batch")
     parser.add_argument("--batches", type=int, default=6, help="training batches for the minibatch noise")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sample, args.draws, args.batches, args.batch_size, args.seq_len = 32, 24, 3, 2, 32
+        args.sample, args.draws, args.batches, args.batch_size, args.seq_len = min(args.sample, 32), 24, 3, 2, 32
     info = setup(args)
     if args.quick:
         vocab = 300
-        cfg = row_configs(QUICK_SIZE, vocab, args.seq_len)["full"]
+        cfg = row_configs({**QUICK_SIZE, "n_layers": 3}, vocab, args.seq_len)["full"]  # two early layers to draw from
         ids = torch.randint(0, vocab, (args.batches * args.batch_size * args.seq_len,))
         state = None
     else:
@@ -87,20 +88,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         state = ckpt["model"] if ckpt else None
     if cfg.exit_loss_weight <= 0:
         raise ValueError("the measured model has no early-exit loss (exit_loss_weight 0): nothing to sample")
-    models = {sample: TMTModel(replace(cfg, dropout=0.0, exit_loss_sample=sample)).train() for sample in (0, args.sample)}
-    for model in models.values():  # both the checkpoint's weights, or both the first model's fresh ones
-        model.load_state_dict(state if state is not None else models[0].state_dict())
+    if args.sample == 0 and args.layers == 0:
+        raise ValueError("--sample 0 and --layers 0 score every token of every layer: nothing to sample")
+    exact, drawn = (TMTModel(replace(cfg, dropout=0.0, exit_loss_sample=n, exit_loss_layers=k)).train()
+                    for n, k in ((0, 0), (args.sample, args.layers)))
+    for model in (exact, drawn):  # both the checkpoint's weights, or both the first model's fresh ones
+        model.load_state_dict(state if state is not None else exact.state_dict())
     loader = iter(SequenceLoader(ids, args.seq_len, args.batch_size, seed=args.seed))
     batches = [next(loader) for _ in range(args.batches)]
-    every = gradient(models[0], batches[0], "exit_loss")
-    sampled = torch.stack([gradient(models[args.sample], batches[0], "exit_loss") for _ in range(args.draws)])
-    total = torch.stack([gradient(models[0], b, "loss") for b in batches])
-    rows = noise_table(every, sampled, total, cfg.exit_loss_weight, groups(models[0]))
+    every = gradient(exact, batches[0], "exit_loss")
+    sampled = torch.stack([gradient(drawn, batches[0], "exit_loss") for _ in range(args.draws)])
+    total = torch.stack([gradient(exact, b, "loss") for b in batches])
+    rows = noise_table(every, sampled, total, cfg.exit_loss_weight, groups(exact))
     bias = float((sampled.mean(0) - every).pow(2).sum())
     expected = float((sampled - every).pow(2).sum(-1).mean()) / args.draws
     whole = rows[-1]
     report = [f"Model: {'`' + str(args.run) + '`' if args.run else 'the full row, fresh weights'}; early-exit loss weight "
-              f"{cfg.exit_loss_weight}, sampled on {args.sample} of {args.batch_size * args.seq_len} tokens "
+              f"{cfg.exit_loss_weight}, sampled on {args.sample or 'all'} of {args.batch_size * args.seq_len} tokens "
+              f"and {args.layers or 'all'} of {cfg.n_layers - 1} early layers "
               f"({args.draws} draws on one batch); minibatch noise over {args.batches} training batches; dropout off.",
               markdown_table(["part", "‖g_exit‖² (every token)", "sampling noise (x w²)", "minibatch noise of the loss",
                               "‖mean loss gradient‖²", "sampling / minibatch"],

@@ -1,7 +1,8 @@
 """What the exit recipe costs to train: one training step (forward, backward, AdamW) of the WikiText-2 ablation's
 configuration (d 128, 4 layers, BPE vocabulary 4096, context 256, batch 16) for vanilla (fused SDPA), the full
 TMT without exits, the full TMT with exits and no early-exit loss, with the early-exit loss over every token, and
-with it on a sample of ``--sample`` tokens (``exit_loss_sample``), models called alternately, median ms.
+with it on a sample of ``--sample`` tokens (``exit_loss_sample``; 0: all) of ``--layers`` early layers drawn per step
+(``exit_loss_layers``; 0: all), models called alternately, median ms.
 Target: the sampled recipe at most 1.15x vanilla's step.
 
     python -m benchmarks.exit_recipe --threads 1 --repeats 10
@@ -25,13 +26,17 @@ NAME = "exit_recipe"
 TARGET = 1.15
 
 
-def recipe_configs(size: Dict, vocab_size: int, seq_len: int, sample: int) -> Dict[str, TMTConfig]:
-    """The ablation's vanilla and full rows (equal parameters) and the full row's exit recipes."""
+def recipe_configs(size: Dict, vocab_size: int, seq_len: int, sample: int, layers: int) -> Dict[str, TMTConfig]:
+    """The ablation's vanilla and full rows (equal parameters) and the full row's exit recipes, the last one
+    scoring ``sample`` tokens (0: all) of ``layers`` drawn early layers (0: all)."""
+    if sample == 0 and layers == 0:
+        raise ValueError("the sampled recipe needs --sample or --layers above 0 (both 0: the every-token row)")
     rows = row_configs(size, vocab_size, seq_len)
     full = rows["full"]
+    drawn = f"full, early-exit loss on {f'{sample} tokens' if sample else 'every token'}" + (f" of {layers} drawn layer(s)" if layers else "")
     return {"vanilla": rows["vanilla"], "full, exits off": replace(full, use_exit=False, exit_loss_weight=0.0),
             "full, gates only": replace(full, exit_loss_weight=0.0), "full, early-exit loss on every token": full,
-            f"full, early-exit loss on {sample} tokens": replace(full, exit_loss_sample=sample)}
+            drawn: replace(full, exit_loss_sample=sample, exit_loss_layers=layers)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -39,13 +44,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--sample", type=int, default=512, help="tokens the sampled early-exit loss scores per batch")
+    parser.add_argument("--sample", type=int, default=512, help="tokens the sampled early-exit loss scores per batch (0: all)")
+    parser.add_argument("--layers", type=int, default=0, help="early layers it scores per batch, drawn by weight (0: all)")
     args = parser.parse_args(argv)
     size = SIZE
     if args.quick:
         size, args.batch_size, args.seq_len, args.vocab_size, args.sample, args.repeats = QUICK_SIZE, 2, 32, 300, 16, 2
     info = setup(args)
-    cfgs = recipe_configs(size, args.vocab_size, args.seq_len, args.sample)
+    cfgs = recipe_configs(size, args.vocab_size, args.seq_len, args.sample, args.layers)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     steps = {}

@@ -92,6 +92,10 @@ def test_exit_noise(tmp_path):
     assert last["exit_grad_sq"] == last["sampling_noise"] == 0 < last["minibatch_noise"]  # no exit reads the last block
     assert all(finite_positive(rows[p]["sampling_noise"], rows[p]["minibatch_noise"]) for p in ("block 0", "all"))
     assert result["bias_sq"] < 3 * result["bias_sq_expected"]  # unbiased: the draws' mean misses by their spread only
+    layers = exit_noise.main(["--quick", "--threads", "1", "--out", str(tmp_path / "layers"), "--sample", "0", "--layers", "1"])
+    assert 0 < layers["bias_sq"] < 3 * layers["bias_sq_expected"]  # one drawn layer, every token: unbiased too
+    with pytest.raises(ValueError, match="nothing to sample"):
+        exit_noise.main(["--quick", "--threads", "1", "--out", str(tmp_path / "none"), "--sample", "0"])
 
 
 def test_exit_sample(tmp_path, data_dir):  # data_dir: skipped where the shared corpora are missing

@@ -170,7 +170,8 @@ def test_anchor_rows_are_shared_and_read_only_in_causal_mode():
     assert torch.equal(out.hidden_states[-1][40:], other.hidden_states[-1][40:])
 
 
-@pytest.mark.parametrize("options", [{}, {"layer_dropout": 0.5, "search_heads": 1, "exit_loss_weight": 0.5, "exit_loss_sample": 64},
+@pytest.mark.parametrize("options", [{}, {"layer_dropout": 0.5, "search_heads": 1, "exit_loss_weight": 0.5, "exit_loss_sample": 64,
+                                      "exit_loss_layers": 1},
                                      {"graph_k": 0, "mesh_window": 4}, {"mesh_explore": 4}])
 def test_training_forward_compiles_as_one_graph(options):
     torch.manual_seed(0)

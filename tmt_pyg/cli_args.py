@@ -94,6 +94,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight of the early-exit LM loss (every earlier layer predicts through the shared head)")
     g.add_argument("--exit-loss-sample", dest="exit_loss_sample", type=int, default=d.exit_loss_sample,
                    help="tokens per batch the early-exit loss scores (unbiased: scaled to the loss over all tokens; 0: all)")
+    g.add_argument("--exit-loss-layers", dest="exit_loss_layers", type=int, default=d.exit_loss_layers,
+                   help="early layers the early-exit loss scores per step, drawn in proportion to their weight "
+                        "(unbiased for the every-layer loss; 0: every early layer)")
     g.add_argument("--layer-dropout", dest="layer_dropout", type=float, default=d.layer_dropout,
                    help="LayerSkip layer dropout: a sequence skips layer l with probability p * l / (L - 1) in training")
     g.add_argument("--gate-detach", dest="gate_detach", action=bool_flag, default=d.gate_detach,

@@ -57,6 +57,8 @@ class TMTConfig:
     # through the shared head, layer l weighted by l (CALM), so that early states can predict
     exit_loss_sample: int = 0  # tokens per batch the early-exit loss scores (drawn uniformly, the same for every
     # layer; scaled so that its expectation is the loss over every token): the head runs on these rows only; 0: all
+    exit_loss_layers: int = 0  # early layers the early-exit loss scores per step, drawn with replacement with
+    # probability proportional to their weight l (so that its expectation is the every-layer loss); 0: every one
     layer_dropout: float = 0.0  # LayerSkip's layer dropout (training only): a sequence skips layer l with probability
     # layer_dropout * l / (n_layers - 1) (rising with depth, never layer 0); a kept layer's update is scaled by 1 / (1 - p)
     exit_in_training: bool = False  # also freeze exited tokens in training mode
@@ -100,6 +102,7 @@ class TMTConfig:
         need(self.mesh_explore >= 0, f"mesh_explore must be >= 0, got {self.mesh_explore}")
         need(self.mesh_explore == 0 or self.causal, "mesh_explore (random earlier tokens) needs causal=True")
         need(self.exit_loss_sample >= 0, f"exit_loss_sample must be >= 0, got {self.exit_loss_sample}")
+        need(self.exit_loss_layers >= 0, f"exit_loss_layers must be >= 0, got {self.exit_loss_layers}")
         need(self.mesh_dense_warmup >= 0, f"mesh_dense_warmup must be >= 0, got {self.mesh_dense_warmup}")
         need(self.mesh_search in SEARCHES, f"mesh_search must be one of {SEARCHES}, got {self.mesh_search!r}")
         need(self.mesh_search == "exact" or self.causal, "mesh_search='routed' needs causal=True")

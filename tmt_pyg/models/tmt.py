@@ -276,15 +276,20 @@ class TMTModel(nn.Module):
         """Early-exit LM loss: the next-token losses (targets (N,), -100: none) of the states after
         layers 1 .. L-1 (each (N, D)) through the shared head, layer l weighted by l, averaged. With
         ``rows`` (n,) the states are those tokens' (each (n, D)): their summed losses are scaled by N / n over
-        the N tokens' target count, whose expectation over uniform draws of ``rows`` is the loss over all tokens."""
-        weights = range(1, len(states) + 1)
-        if rows is None:
-            losses = [w * F.cross_entropy(self.lm_head(state), target, ignore_index=-100) for w, state in zip(weights, states)]
-            return sum(losses) / sum(weights)
-        picked, scale = target.index_select(0, rows), target.numel() / rows.numel()
+        the N tokens' target count, whose expectation over uniform draws of ``rows`` is the loss over all tokens.
+        With ``exit_loss_layers`` k, the head scores k layers drawn with replacement with probability
+        proportional to l, averaged: again the weighted loss in expectation (drawn on the device, no sync)."""
+        k = self.config.exit_loss_layers
+        picked = target if rows is None else target.index_select(0, rows)
+        scale = target.numel() / picked.numel() / (target >= 0).sum().clamp(min=1)
+        if k:
+            weights = torch.arange(1, len(states) + 1, dtype=torch.float, device=target.device)
+            layers = torch.multinomial(weights, k, replacement=True)
+            drawn = torch.stack(states).index_select(0, layers).flatten(0, 1)  # (k * n, D)
+            return F.cross_entropy(self.lm_head(drawn), picked.repeat(k), ignore_index=-100, reduction="sum") * scale / k
         losses = [w * F.cross_entropy(self.lm_head(state), picked, ignore_index=-100, reduction="sum")
-                  for w, state in zip(weights, states)]
-        return sum(losses) * scale / (target >= 0).sum().clamp(min=1) / sum(weights)
+                  for w, state in enumerate(states, 1)]
+        return sum(losses) * scale / sum(range(1, len(states) + 1))
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW with weight decay on weight matrices (dim >= 2) only."""
