@@ -40,6 +40,7 @@ def test_loss_vs_time_resumes(tmp_path, data_dir, capsys):  # data_dir: skipped 
 
 def test_head_flops_counted_per_call():
     """Every LM head call adds 2 * d * V a row: 3x when it builds a graph, 1x under no_grad."""
+    from dataclasses import replace
     import torch
     from tmt_pyg import TMTConfig, TMTModel
     cfg = TMTConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, max_seq_len=16, exit_loss_weight=0.5,
@@ -55,3 +56,7 @@ def test_head_flops_counted_per_call():
     with torch.no_grad():
         model(ids)
     assert tally == [per_row * 16]
+    drawn, tally = TMTModel(replace(cfg, n_layers=3, exit_loss_layers=1)), []  # one of the two early layers a step
+    loss_vs_time.count_head_flops(drawn, tally)
+    drawn(ids, compute_loss=True)
+    assert sorted(tally) == sorted([3 * per_row * 16, 3 * per_row * 5, per_row * 16, per_row * 16])
