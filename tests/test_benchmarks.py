@@ -77,11 +77,16 @@ def test_speed(tmp_path):
 def test_exit_recipe(tmp_path):
     result = run_quick(exit_recipe, tmp_path)
     models = [r["model"] for r in result["rows"]]
-    assert models[0] == "vanilla" and result["rows"][0]["vs_vanilla"] == 1 and len(models) == 5
+    assert models[0] == "vanilla" and result["rows"][0]["vs_vanilla"] == 1 and len(models) == 6
     assert all(finite_positive(r["step_ms"], r["vs_vanilla"]) for r in result["rows"])
     configs = result["configs"]
-    assert configs[models[-1]]["exit_loss_sample"] == 16 and configs[models[-2]]["exit_loss_sample"] == 0
-    assert configs[models[-1]]["exit_loss_weight"] == configs[models[-2]]["exit_loss_weight"] > 0
+    every, tokens, layers = (configs[m] for m in models[-3:])  # every token, then --quick's recipes 16:0 and 0:1
+    assert (every["exit_loss_sample"], tokens["exit_loss_sample"], layers["exit_loss_sample"]) == (0, 16, 0)
+    assert (every["exit_loss_layers"], tokens["exit_loss_layers"], layers["exit_loss_layers"]) == (0, 0, 1)
+    assert every["exit_loss_weight"] == tokens["exit_loss_weight"] == layers["exit_loss_weight"] > 0
+    for bad in ("0:0", "512", "a:1", "-1:1"):
+        with pytest.raises(SystemExit):
+            exit_recipe.main(["--quick", "--out", str(tmp_path / "bad"), "--recipes", bad])
 
 
 def test_exit_noise(tmp_path):
