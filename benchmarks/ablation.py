@@ -19,7 +19,7 @@ tables what is finished.
     python -m benchmarks.ablation --retime --threads 1     # time stale exit runs again (quiet machine)
     python -m benchmarks.ablation --time-rows --threads 1  # every row's evaluation side by side (quiet machine)
     python -m benchmarks.ablation --quick                  # tiny, seconds (the test)
-    python -m benchmarks.ablation --threads 1 --layers 8 --rows vanilla "full, one drawn exit layer" --seeds 0 \
+    python -m benchmarks.ablation --threads 1 --layers 8 --rows vanilla "full, drawn-layer exit loss" --seeds 0 \
         --out docs/results/ablation_8_layers               # the 8-layer pair (exit savings against depth)
 """
 import argparse
@@ -58,9 +58,10 @@ ROWS = {  # row -> parts switched on over a plain causal transformer (the announ
 }
 # rows for the compute question, beside the equal-parameter table: vanillas of the same width and fewer layers
 # (fewer parameters: the dense model of about the full model's FLOPs at tau) and the full model trained with
-# cheaper early-exit losses: on 512 sampled tokens, and on one early layer drawn per step
+# cheaper early-exit losses: on 512 sampled tokens, and on 2,048 sampled tokens of one early layer drawn per step
 COMPUTE_ROWS = {"vanilla, 2 layers": dict(n_layers=2), "vanilla, 3 layers": dict(n_layers=3),
-                "full, sampled exit loss": dict(exit_loss_sample=512), "full, one drawn exit layer": dict(exit_loss_layers=1)}
+                "full, sampled exit loss": dict(exit_loss_sample=512),
+                "full, drawn-layer exit loss": dict(exit_loss_layers=1, exit_loss_sample=2048)}
 ALL_ROWS = (*ROWS, *COMPUTE_ROWS)
 SINGLES = ("mesh", "decay", "exit", "anchors", "dual stream")
 MULTI_SEED = ("vanilla", "full")

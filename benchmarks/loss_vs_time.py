@@ -5,9 +5,9 @@ alternated (a step of vanilla, a step of full, ...) so that a change of machine 
 Two settings (``--context``), rows ``vanilla`` and ``full`` at equal parameters and tokens:
 
 * ``256``: the WikiText-2 ablation's (``benchmarks/ablation.py``: BPE-4096, batch 16, its lr, recipe and
-  2,500 steps), the full row with the cheaper exit recipe (its ``full, one drawn exit layer`` row: the early-exit
-  loss on one early layer drawn per step, ``exit_loss_layers``); PPL per word (the ablation's ``word_ppl``: the mean subword loss times the split's
-  subwords per word);
+  2,500 steps), the full row with the cheaper exit recipe (its ``full, drawn-layer exit loss`` row: the
+  early-exit loss on 2,048 sampled tokens of one early layer drawn per step); PPL per word (the ablation's
+  ``word_ppl``: the mean subword loss times the split's subwords per word);
 * ``2048``: ``benchmarks/long_context_lm.py``'s (character-level WikiText-2, batch 2, 250 steps), full being
   its ``tmt-exact`` row (exits off); PPL per character.
 
@@ -55,15 +55,15 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the shorter run's training seconds: the
 
 
 def bpe_setting(args) -> Dict:
-    """The ablation's vanilla and full rows (full: early-exit loss on one drawn early layer), data and recipe."""
+    """The ablation's vanilla and full rows (full: its drawn-layer exit loss), data and recipe."""
     size, vocab, batch, seq_len = ((ablation.QUICK_SIZE, 300, 4, 32) if args.quick else (ablation.SIZE, 4096, 16, 256))
     data = ablation.load_corpus(args.data_dir, vocab, args.runs, args.quick)
     rows = ablation.row_configs(size, data["vocab_size"], seq_len)
     recipe = argparse.Namespace(steps=args.steps, batch_size=batch, seq_len=seq_len, quick=args.quick)
-    return {"configs": {"vanilla": rows["vanilla"], "full": rows["full, one drawn exit layer"]},
+    return {"configs": {"vanilla": rows["vanilla"], "full": rows["full, drawn-layer exit loss"]},
             "train": {row: ablation.train_config(recipe, ablation.SWEPT_LR[row], args.seed, args.runs / row) for row in ROWS},
             "ids": {split: data[split]["ids"] for split in ("train", "validation")}, "ppl_unit": "word",
-            "note": "`benchmarks/ablation.py`'s setting, the full row with the early-exit loss on one early layer drawn per step",
+            "note": "`benchmarks/ablation.py`'s setting, the full row with the early-exit loss on 2,048 tokens of one early layer drawn per step",
             "ppl": lambda loss: ablation.word_ppl(loss, data["validation"])}
 
 

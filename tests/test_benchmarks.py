@@ -168,20 +168,20 @@ def test_ablation(tmp_path, data_dir):  # data_dir: skipped where the shared cor
     assert result["lrs"]["mesh"] == swept["best"]["full"]
     rows = result["rows"]
     # --quick models have 2 layers: the 3-layer vanilla is left out, the 2-layer one is vanilla's config
-    assert list(rows) == list(ablation.ROWS) + ["vanilla, 2 layers", "full, sampled exit loss", "full, one drawn exit layer"]
+    assert list(rows) == list(ablation.ROWS) + ["vanilla, 2 layers", "full, sampled exit loss", "full, drawn-layer exit loss"]
     params = [r["params"] for row, r in rows.items() if row in ablation.ROWS or row.startswith("full")]
     assert max(params) / min(params) < 1.02, "ablation rows must have matched parameter counts"
     assert all(finite_positive(r["mflops_per_token"]) for r in rows.values()), "every new run counts its FLOPs"
     assert len(rows["vanilla"]["seeds"]) == len(rows["full"]["seeds"]) == 2 and len(rows["mesh"]["seeds"]) == 1
     assert all(finite_positive(r["test_ppl"], r["val_ppl"], r["work_fraction"]) for r in rows.values())
-    exit_rows = {row for row, parts in ablation.ROWS.items() if "use_exit" in parts} | {"full, sampled exit loss", "full, one drawn exit layer"}
+    exit_rows = {row for row, parts in ablation.ROWS.items() if "use_exit" in parts} | {"full, sampled exit loss", "full, drawn-layer exit loss"}
     assert all(finite_positive(rows[row]["test_ppl_exits_off"], rows[row]["eval_time_vs_off"]) for row in exit_rows)
     assert all(rows[row]["test_ppl_exits_off"] is None and rows[row]["work_fraction"] == 1 for row in set(rows) - exit_rows)
     for run in result["runs"]:
         cfg = run["model"]
         assert cfg["exit_loss_weight"] == (0.5 if cfg["use_exit"] else 0.0), "exit rows train with the exit recipe"
-        assert cfg["exit_loss_sample"] == (512 if run["row"] == "full, sampled exit loss" else 0)
-        assert cfg["exit_loss_layers"] == (1 if run["row"] == "full, one drawn exit layer" else 0)
+        assert cfg["exit_loss_sample"] == {"full, sampled exit loss": 512, "full, drawn-layer exit loss": 2048}.get(run["row"], 0)
+        assert cfg["exit_loss_layers"] == (1 if run["row"] == "full, drawn-layer exit loss" else 0)
         assert cfg["mesh_similarity"] == "attention" and cfg["mesh_window"] == 8, "rows are today's defaults"
         if cfg["use_exit"]:
             curve = run["exits"]["curve"]
