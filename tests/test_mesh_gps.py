@@ -160,7 +160,7 @@ def test_coordinates_on_the_mesh_edges():
     layer.train()
     layer(x, edge_index, batch, coord=pos).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.attn.coord_nn.parameters())
-    with pytest.raises(ValueError, match="needs node coordinates"):
+    with pytest.raises(ValueError, match=r"^MeshGPSConv\(coord_channels=3\) needs node coordinates"):
         layer(x, edge_index, batch)
     with pytest.raises(ValueError, match="coord_channels=D"):
         plain(x, edge_index, batch, coord=pos)

@@ -165,16 +165,16 @@ class MeshAttentionConv(MessagePassing):
                     raise ValueError(f"{name} holds NaN or Inf values ({int((~torch.isfinite(t)).any(-1).sum())} rows): "
                                      "attention would spread them to every neighbour")
 
-    def check_coord(self, coord: Tuple[OptTensor, OptTensor], nodes: Tuple[int, int]) -> None:
+    def check_coord(self, coord: Tuple[OptTensor, OptTensor], nodes: Tuple[int, int], layer: str = "MeshAttentionConv") -> None:
         """A ValueError for (source, target) coordinates that do not match ``coord_channels`` and the
-        ``nodes`` (source, target) counts, or that hold NaN or Inf."""
+        ``nodes`` (source, target) counts, or that hold NaN or Inf; the message names ``layer`` (the one called)."""
         if not self.coord_channels:
             if any(c is not None for c in coord):
                 raise ValueError("`coord` given, but the layer encodes no coordinates: build it with coord_channels=D")
             return
         for c, n in zip(coord, nodes):
             if c is None or c.shape != (n, self.coord_channels):
-                raise ValueError(f"MeshAttentionConv(coord_channels={self.coord_channels}) needs node coordinates "
+                raise ValueError(f"{layer}(coord_channels={self.coord_channels}) needs node coordinates "
                                  f"`coord` of shape ({n}, {self.coord_channels}), got {None if c is None else tuple(c.shape)}")
         if not torch.compiler.is_compiling():
             for c in dict.fromkeys(coord):

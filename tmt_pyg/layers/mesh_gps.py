@@ -110,7 +110,7 @@ class MeshGPSConv(torch.nn.Module):
     def forward(self, x: Tensor, edge_index: Adj, batch: OptTensor = None,
                 return_attention_weights: Optional[bool] = None, coord: OptTensor = None, **kwargs):
         attn = self.attn
-        attn.check_coord((coord, coord), (x.size(0), x.size(0)))
+        attn.check_coord((coord, coord), (x.size(0), x.size(0)), layer=type(self).__name__)
         with torch.no_grad():  # the search is not differentiated; without autograd its top-k ranks fewer columns
             mesh = self.mesh.checked_slots(x, batch)  # the kNN mesh of the current states
         key, value = attn.project_key_value(x, None)
