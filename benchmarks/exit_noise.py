@@ -1,6 +1,7 @@
 """How much gradient noise the sampled early-exit loss adds: on one model (a checkpoint of the WikiText-2
 ablation, or fresh weights), the gradient of the early-exit loss scored on ``--sample`` random tokens (0: all) and
-``--layers`` early layers drawn in proportion to their weight (0: all), over ``--draws`` draws on one batch, against the same loss on every token (its mean: the bias check; its spread: the
+``--layers`` early layers drawn in proportion to their weight (0: all), over ``--draws`` draws on one batch,
+against the same loss on every token (its mean: the bias check; its spread: the
 sampling noise), and that noise, times the loss weight squared, against the minibatch noise of the whole
 training loss over ``--batches`` training batches. Per block and in total; dropout off.
 

@@ -43,9 +43,10 @@ def recipe_configs(size: Dict, vocab_size: int, seq_len: int, recipes: Sequence[
     cheaper recipe (tokens sampled, early layers drawn; 0: all)."""
     rows = row_configs(size, vocab_size, seq_len)
     full = rows["full"]
-    cheaper = {f"full, early-exit loss on {f'{n:,} tokens' if n else 'every token'}"
-               f"{f' of {k} drawn layer' + ('s' if k > 1 else '') if k else ''}": replace(full, exit_loss_sample=n, exit_loss_layers=k)
-               for n, k in recipes}
+    def name(n: int, k: int) -> str:
+        tokens = f"{n:,} tokens" if n else "every token"
+        return f"full, early-exit loss on {tokens}" + (f" of {k} drawn layer{'s' if k > 1 else ''}" if k else "")
+    cheaper = {name(n, k): replace(full, exit_loss_sample=n, exit_loss_layers=k) for n, k in recipes}
     return {"vanilla": rows["vanilla"], "full, exits off": replace(full, use_exit=False, exit_loss_weight=0.0),
             "full, gates only": replace(full, exit_loss_weight=0.0), "full, early-exit loss on every token": full, **cheaper}
 

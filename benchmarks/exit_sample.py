@@ -1,7 +1,8 @@
 """What sampling the early-exit loss does to training, at a short budget: the ablation's full row trained for a
 tenth of its budget (250 steps, the lr sweep's budget, lr 8e-3) with the early-exit loss on every token, on
 2,048 and on 512 sampled tokens of the 4,096 in a batch, on one early layer drawn per step (every token, and
-2,048 tokens), and without it (gates only), validation PPL per word with exits off. Each finished run is cached under ``--results``; ``--table-only`` tables what is done.
+2,048 tokens), and without it (gates only), validation PPL per word with exits off. Each finished run is cached
+under ``--results``; ``--table-only`` tables what is done.
 
     python -m benchmarks.exit_sample --threads 1 --seeds 0 1
 """
