@@ -130,14 +130,15 @@ def warm_up(rows: Dict[str, Trainer], ids: torch.Tensor) -> None:
 
 
 def count_head_flops(model: TMTModel, tally: List[float]) -> None:
-    """Append the FLOPs of every later call of ``model.lm_head`` to ``tally``: ``2 * d_model * vocab_size`` a
-    row, 3x (forward and backward) when the call builds a graph."""
-    head, cfg = model.lm_head, model.config
+    """Append the FLOPs of every later call of ``model.lm_head`` to ``tally`` (a hook on its final norm,
+    used by nothing else): ``2 * d_model * vocab_size`` a row, 3x (forward and backward) when the call
+    builds a graph."""
+    cfg = model.config
 
-    def counted(h: torch.Tensor) -> torch.Tensor:
-        tally.append(2.0 * cfg.d_model * cfg.vocab_size * h.size(0) * (3 if torch.is_grad_enabled() else 1))
-        return head(h)
-    model.lm_head = counted
+    def count(module, inputs, out: torch.Tensor) -> None:
+        rows = out.numel() // cfg.d_model
+        tally.append(2.0 * cfg.d_model * cfg.vocab_size * rows * (3 if torch.is_grad_enabled() else 1))
+    model.ln_f.register_forward_hook(count)
 
 
 def train_alternately(rows: Dict[str, Trainer], curve: Dict, runs: Path, args, ppl: Callable[[float], float]) -> None:

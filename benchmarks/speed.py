@@ -36,7 +36,7 @@ def configs(size: Dict) -> Dict[str, TMTConfig]:
                 "TMT, anchors off": replace(full, use_anchors=False),  # anchors are buffers: same parameters
                 "TMT, 8 exploration slots": replace(full, mesh_explore=8),  # a training-only remedy of the search
                 "mesh only": TMTConfig.vanilla(use_mesh=True, **size),
-                "mesh only, seed's pure kNN": TMTConfig.vanilla(use_mesh=True, mesh_window=0, mesh_similarity="state", **size),
+                "mesh only, pure kNN": TMTConfig.vanilla(use_mesh=True, mesh_window=0, mesh_similarity="state", **size),
                 "vanilla": TMTConfig.vanilla(**size)}
     target = count_parameters(full)
     return {name: match_parameters(cfg, target) for name, cfg in variants.items()}

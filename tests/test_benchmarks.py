@@ -62,7 +62,7 @@ def test_exit_speed(tmp_path):
 def test_speed(tmp_path):
     result = run_quick(speed, tmp_path)
     assert {r["model"] for r in result["rows"]} == {"TMT", "TMT, anchors off", "TMT, 8 exploration slots", "mesh only",
-                                                    "mesh only, seed's pure kNN", "vanilla"}
+                                                    "mesh only, pure kNN", "vanilla"}
     params = {r["params"] for r in result["rows"]}
     assert max(params) / min(params) < 1.02, "compared models must have matched parameter counts"
     for r in result["rows"]:
