@@ -100,6 +100,32 @@ def test_generate_equals_own_greedy(name, use_cache):
     assert torch.equal(out, model.tmt.generate(ids, 6, temperature=0))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", ["exits-firing", "attention-mesh"])
+def test_generate_step_logits_equal_full_forward(name, use_cache):
+    """Every decoding step's logits, cached or recomputed, are those of a full forward over the prefix
+    (a step that lost its context would score the new token alone)."""
+    model = hf_model(**CONFIGS[name])
+    ids = torch.randint(0, 50, (2, 7))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=use_cache, output_logits=True,
+                         return_dict_in_generate=True)
+    for t, step in enumerate(out.logits):
+        torch.testing.assert_close(step, model(out.sequences[:, :ids.size(1) + t]).logits[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_under_either_name():
+    """A step fed its cache as ``cache`` or as transformers 4's ``past_key_values`` continues the prefix."""
+    model = hf_model(**CONFIGS["exits-firing"])
+    ids = torch.randint(0, 50, (2, 9))
+    full = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        prefix = model(ids[:, :-1], use_cache=True)
+        cache = prefix["cache"] if "cache" in prefix else prefix["past_key_values"]
+        torch.testing.assert_close(model(ids[:, -1:], **{name: cache}).logits[:, -1], full, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, -1:], cache=cache, past_key_values=cache)
+
+
 def test_generate_left_padded():
     model = hf_model(**CONFIGS["exits-firing"])
     rows = [torch.randint(1, 50, (n,)) for n in (8, 3)]
@@ -113,8 +139,10 @@ def test_generate_left_padded():
 def test_beam_search_cache_equals_recompute(name):
     model = hf_model(**CONFIGS[name])
     ids = torch.randint(0, 50, (2, 6))
-    cached = model.generate(ids, max_new_tokens=16, num_beams=3, do_sample=False)
-    assert torch.equal(cached, model.generate(ids, max_new_tokens=16, num_beams=3, do_sample=False, use_cache=False))
+    runs = [model.generate(ids, max_new_tokens=16, num_beams=3, do_sample=False, use_cache=use_cache,
+                           output_scores=True, return_dict_in_generate=True) for use_cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(runs[0].sequences_scores, runs[1].sequences_scores, atol=1e-4, rtol=1e-4)
 
 
 def test_clear_errors():
@@ -124,7 +152,7 @@ def test_clear_errors():
         model.train()(ids, use_cache=True)
     model.eval()
     with pytest.raises(TypeError, match="TMTGenerationCache"):
-        model(ids, past_key_values=DynamicCache())
+        model(ids, cache=DynamicCache())
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))
 

@@ -1,5 +1,6 @@
 """HuggingFace ``transformers`` wrappers: ``TMTHFConfig`` and ``TMTForCausalLM`` (``save_pretrained``,
-``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as ``past_key_values``."""
+``from_pretrained``, ``generate``) around :class:`TMTModel`, with our per-layer cache as the model's ``cache``
+(``past_key_values`` before transformers 5)."""
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,8 @@ from .models import TMTConfig, TMTModel
 from .models.generation import TMTCache, extend
 
 TMT_FIELDS = tuple(f.name for f in fields(TMTConfig))
+# the output field that hands the cache back to ``generate``: ``cache`` since transformers 5, ``past_key_values`` before
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class TMTHFConfig(PretrainedConfig):
@@ -43,7 +46,7 @@ class TMTHFConfig(PretrainedConfig):
 
 
 class TMTGenerationCache:
-    """``past_key_values`` of :class:`TMTForCausalLM`: one batched :class:`TMTCache` (rows may hold
+    """The ``cache`` of :class:`TMTForCausalLM`: one batched :class:`TMTCache` (rows may hold
     different numbers of real tokens). ``transformers`` hands it back at every decoding step."""
 
     is_compileable = False
@@ -109,9 +112,11 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         self.tmt.wte = value
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                past_key_values: Optional[TMTGenerationCache] = None, use_cache: Optional[bool] = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        """``input_ids`` (B, S) (only the new tokens when ``past_key_values`` is given), ``attention_mask``
+                cache: Optional[TMTGenerationCache] = None, use_cache: Optional[bool] = None,
+                logits_to_keep: int = 0, past_key_values: Optional[TMTGenerationCache] = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """``input_ids`` (B, S) (only the new tokens when ``cache`` is given; ``past_key_values`` is its
+        transformers-4 name), ``attention_mask``
         (B, S) or (B, past + S), ``labels`` (B, S) scored HF-style (shifted inside, -100 ignored).
         ``loss``: the next-token cross-entropy; in training mode plus the weighted early-exit loss and
         gate objective of ``TMTModel``'s loss (evaluation computes neither). Returns ``logits`` (B, S, V), or its last ``logits_to_keep`` columns."""
@@ -128,20 +133,24 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         rows = [ids[k] for ids, k in zip(input_ids, keep)]
         if any(row.numel() == 0 for row in rows):
             raise ValueError("every row needs at least one token with attention_mask 1")
-        cached = past_key_values is not None or bool(use_cache)
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("pass the cache as cache or as past_key_values, not both")
+            cache = past_key_values
+        cached = cache is not None or bool(use_cache)
         if cached and (self.training or labels is not None):
             raise ValueError("the TMT cache serves inference only: call model.eval(), pass no labels, or use_cache=False")
         loss = None
-        if past_key_values is not None:
-            if not isinstance(past_key_values, TMTGenerationCache):
-                raise TypeError(f"past_key_values must be a TMTGenerationCache made by this model, got {type(past_key_values).__name__}")
+        if cache is not None:
+            if not isinstance(cache, TMTGenerationCache):
+                raise TypeError(f"cache must be a TMTGenerationCache made by this model, got {type(cache).__name__}")
             if not bool(keep.all()):
-                raise ValueError("with past_key_values every new token must have attention_mask 1")
-            flat = extend(self.tmt, past_key_values.cache, input_ids).flatten(0, 1)  # all rows decoded together
-            past_key_values.seq_length += input_ids.size(1)
+                raise ValueError("with a cache every new token must have attention_mask 1")
+            flat = extend(self.tmt, cache.cache, input_ids).flatten(0, 1)  # all rows decoded together
+            cache.seq_length += input_ids.size(1)
         elif cached and logits_to_keep == 1:  # generate()'s prefill: the cache's last logits are all it needs
-            past_key_values = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
-            flat = past_key_values.cache.last_logits
+            cache = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
+            flat = cache.cache.last_logits
             keep = torch.ones_like(keep[:, -1:])
         else:
             data = tokens_to_batch(rows)
@@ -149,7 +158,7 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
             out = self.tmt(data, compute_loss=train_losses)
             flat = out.logits  # (N, V), rows concatenated
             if cached:
-                past_key_values = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
+                cache = TMTGenerationCache(TMTCache(self.tmt, rows), input_ids.size(1))
             if labels is not None:
                 target = labels[keep]  # (N,) in the order of flat
                 same = data.batch[1:] == data.batch[:-1]  # positions t and t+1 in the same row
@@ -159,7 +168,7 @@ class TMTForCausalLM(PreTrainedModel, GenerationMixin):
         logits = flat.new_zeros(*keep.shape, flat.size(-1))
         logits[keep] = flat
         return CausalLMOutputWithPast(loss=loss, logits=logits[:, -logits_to_keep:],
-                                      past_key_values=past_key_values if cached else None)
+                                      **{CACHE_FIELD: cache if cached else None})
 
 
 def vocab_tokenizer(vocab):
